@@ -1,0 +1,1 @@
+"""Tokenizer, templates, tasks and input pipelines."""

@@ -1,0 +1,1 @@
+"""Procedural verifiable tasks with worked solutions."""

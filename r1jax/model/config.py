@@ -1,0 +1,134 @@
+"""The model's typed configuration: DeepSeek-V3's own fields, frozen.
+
+Field names follow DeepSeek-V3's official inference config; the 671B values are
+in `ModelConfig.deepseek_v3_671b()`. Modules receive this dataclass, never the
+experiment's ConfigDict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int = 129280
+  d_model: int = 7168
+  n_layers: int = 61
+  n_dense_layers: int = 3
+  n_heads: int = 128
+  q_lora_rank: int = 1536  # 0: plain query projection, no compression
+  kv_lora_rank: int = 512
+  qk_nope_head_dim: int = 128
+  qk_rope_head_dim: int = 64
+  v_head_dim: int = 128
+  d_ff: int = 18432  # dense MLP hidden size
+  moe_d_ff: int = 2048  # per-expert hidden size
+  n_routed_experts: int = 256
+  n_shared_experts: int = 1
+  n_activated_experts: int = 8
+  n_expert_groups: int = 8
+  n_limited_groups: int = 4
+  route_scale: float = 2.5
+  score_func: Literal["sigmoid", "softmax"] = "sigmoid"
+  norm_topk_prob: bool = True
+  rope_theta: float = 10000.0
+  rope_interleaved: bool = True  # official checkpoints rotate adjacent pairs
+  # YaRN; rope_factor <= 1 disables it.
+  rope_factor: float = 40.0
+  original_max_position: int = 4096
+  beta_fast: float = 32.0
+  beta_slow: float = 1.0
+  mscale: float = 1.0
+  mscale_all_dim: float = 1.0
+  max_seq_len: int = 163840
+  rms_norm_eps: float = 1e-6
+  tie_embeddings: bool = False
+  # Multi-token prediction (V3 report §2.2): depth and loss weight λ.
+  mtp_depth: int = 1
+  mtp_loss_weight: float = 0.3
+  # Balancing (V3 report §2.1.2): bias step γ and the sequence-wise loss α.
+  bias_update_rate: float = 0.001
+  seq_aux_loss_alpha: float = 0.0001
+  # Numerics and compilation.
+  dtype: str = "float32"  # activations / compute
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: bool = False
+
+  def __post_init__(self):
+    problems = []
+    if self.n_dense_layers > self.n_layers:
+      problems.append(f"n_dense_layers={self.n_dense_layers} > n_layers={self.n_layers}")
+    if self.n_routed_experts and self.n_activated_experts > self.n_routed_experts:
+      problems.append("n_activated_experts exceeds n_routed_experts")
+    if self.n_routed_experts % max(self.n_expert_groups, 1):
+      problems.append(
+          f"n_routed_experts={self.n_routed_experts} is not divisible by "
+          f"n_expert_groups={self.n_expert_groups}")
+    if self.n_limited_groups > self.n_expert_groups:
+      problems.append("n_limited_groups exceeds n_expert_groups")
+    if self.n_expert_groups > 1 and self.n_routed_experts // self.n_expert_groups < 2:
+      problems.append("group-limited routing needs at least 2 experts per group "
+                      "(a group's score is the sum of its top-2)")
+    if self.qk_rope_head_dim % 2:
+      problems.append("qk_rope_head_dim must be even")
+    if self.score_func not in ("sigmoid", "softmax"):
+      problems.append(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+    if self.mtp_depth < 0:
+      problems.append("mtp_depth must be >= 0")
+    if problems:
+      raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
+
+  # Derived sizes.
+  @property
+  def qk_head_dim(self) -> int:
+    return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def n_moe_layers(self) -> int:
+    return self.n_layers - self.n_dense_layers
+
+  @property
+  def use_yarn(self) -> bool:
+    return self.rope_factor > 1.0
+
+  @property
+  def softmax_scale(self) -> float:
+    """1/sqrt(qk_head_dim), times mscale² under YaRN when mscale_all_dim is set."""
+    scale = self.qk_head_dim ** -0.5
+    if self.use_yarn and self.mscale_all_dim:
+      m = yarn_mscale(self.rope_factor, self.mscale_all_dim)
+      scale *= m * m
+    return scale
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  # Presets.
+  @classmethod
+  def deepseek_v3_671b(cls, **overrides) -> "ModelConfig":
+    """The official DeepSeek-V3 / R1 configuration (the defaults above)."""
+    return cls(dtype="bfloat16", param_dtype="bfloat16", remat=True, **overrides)
+
+  @classmethod
+  def tiny(cls, **overrides) -> "ModelConfig":
+    """A few-hundred-thousand-parameter model with every V3 feature switched on."""
+    fields = dict(
+        vocab_size=512, d_model=64, n_layers=3, n_dense_layers=1, n_heads=4,
+        q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+        v_head_dim=16, d_ff=128, moe_d_ff=32, n_routed_experts=8,
+        n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
+        n_limited_groups=2, route_scale=2.5, rope_factor=4.0,
+        original_max_position=64, max_seq_len=256, mtp_depth=1)
+    fields.update(overrides)
+    return cls(**fields)
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+  """YaRN's attention temperature: 0.1·mscale·ln(factor) + 1 (1 when factor ≤ 1)."""
+  if factor <= 1.0:
+    return 1.0
+  return 0.1 * mscale * math.log(factor) + 1.0

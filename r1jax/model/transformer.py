@@ -1,0 +1,185 @@
+"""The DeepSeek-V3 language model: blocks, layer stacks, MTP, and the LM.
+
+The first `n_dense_layers` blocks use a dense SwiGLU MLP, the rest DeepSeekMoE;
+each kind is one `nn.scan`-ned stack (parameters carry a leading "layers" axis),
+optionally rematerialised, so a 61-layer model compiles as two block bodies.
+
+Two entry points share parameters:
+  `Transformer(cfg).apply({"params": p}, tokens)` -> logits  (training form)
+  `Transformer(cfg).apply({"params": p}, tokens, positions, cache, start, valid,
+                          method="decode")` -> (logits, cache)  (latent cache)
+
+Glossary: B batch, T tokens, S cache slots, D d_model, V vocab, L layers,
+E routed experts.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from r1jax.model.config import ModelConfig
+from r1jax.model.kv_cache import LatentCache
+from r1jax.model.layers import MLP, Linear, RMSNorm, dtypes
+from r1jax.model.mla import MLA
+from r1jax.model.moe import MoE
+
+
+class Block(nn.Module):
+  """Pre-norm residual block: x + MLA(norm(x)), then x + FFN(norm(x))."""
+  cfg: ModelConfig
+  moe: bool
+
+  def setup(self):
+    c = self.cfg
+    dt, pdt = dtypes(c)
+    self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt)
+    self.attn = MLA(c)
+    self.mlp_norm = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt)
+    if self.moe:
+      self.ffn = MoE(c, name="moe")
+    else:
+      self.ffn = MLP(c.d_model, c.d_ff, dt, pdt, name="mlp")
+
+  def _ffn(self, x_BxTxD, valid_BxT):
+    h = self.mlp_norm(x_BxTxD)
+    if self.moe:
+      y, aux = self.ffn(h, valid_BxT)
+    else:
+      y, aux = self.ffn(h), {}
+    return x_BxTxD + y, aux
+
+  def __call__(self, x_BxTxD, layer_cache, pos_BxT, valid, start):
+    """nn.scan's (carry, per-layer input) -> (carry, per-layer output).
+
+    Training form when `layer_cache` is None (valid: [B,T]); otherwise the
+    latent-cache form (valid: [B,S]). Outputs (aux, updated layer cache).
+    """
+    if layer_cache is None:
+      x = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), pos_BxT, valid)
+      x, aux = self._ffn(x, valid)
+      return x, (aux, None)
+    a, layer_cache = self.attn.decode(self.attn_norm(x_BxTxD), pos_BxT, layer_cache, start, valid)
+    valid_BxT = jax.lax.dynamic_slice_in_dim(valid, start, x_BxTxD.shape[1], axis=1)
+    x, aux = self._ffn(x_BxTxD + a, valid_BxT)
+    return x, (aux, layer_cache)
+
+
+def _stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
+  body = Block
+  if cfg.remat:
+    body = nn.remat(body, prevent_cse=False,
+                    policy=jax.checkpoint_policies.nothing_saveable)
+  scanned = nn.scan(
+      body,
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+      length=length,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+  )
+  return scanned(cfg, moe, name=name)
+
+
+class MTP(nn.Module):
+  """One multi-token-prediction depth: h' = M·[RMSNorm(emb); RMSNorm(h)] → block."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, h_BxTxD, emb_BxTxD, pos_BxT, valid_BxT):
+    c = self.cfg
+    dt, pdt = dtypes(c)
+    e = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt, name="enorm")(emb_BxTxD)
+    h = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt, name="hnorm")(h_BxTxD)
+    x = Linear((2 * c.d_model,), (c.d_model,), ("mtp_embed", "embed"), dt, pdt,
+               name="eh_proj")(jnp.concatenate([e, h], axis=-1))
+    x, (aux, _) = Block(c, moe=c.n_moe_layers > 0, name="block")(x, None, pos_BxT, valid_BxT, None)
+    return RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt, name="norm")(x), aux
+
+
+class Transformer(nn.Module):
+  cfg: ModelConfig
+
+  def setup(self):
+    c = self.cfg
+    dt, pdt = dtypes(c)
+    self.embed = nn.Embed(
+        c.vocab_size, c.d_model, dtype=dt, param_dtype=pdt,
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+    if c.n_dense_layers:
+      self.dense_layers = _stack(c, False, c.n_dense_layers, "dense_layers")
+    if c.n_moe_layers:
+      self.moe_layers = _stack(c, True, c.n_moe_layers, "moe_layers")
+    self.final_norm = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt)
+    if not c.tie_embeddings:
+      self.lm_head = Linear((c.d_model,), (c.vocab_size,), ("embed", "vocab"), dt, pdt)
+    self.mtp = [MTP(c) for _ in range(c.mtp_depth)]
+
+  def head(self, h_BxTxD):
+    """Output logits in float32 from final-normed hidden states."""
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(h_BxTxD).astype(jnp.float32)
+    return self.lm_head(h_BxTxD).astype(jnp.float32)
+
+  def _stacks(self, x, pos, valid, cache: LatentCache | None, start):
+    aux = {}
+    new_cache = {}
+    for name in ("dense_layers", "moe_layers"):
+      if not hasattr(self, name):
+        continue
+      layer_cache = None if cache is None else cache.layers[name]
+      x, (stack_aux, stack_cache) = getattr(self, name)(x, layer_cache, pos, valid, start)
+      if name == "moe_layers":
+        aux = stack_aux
+      new_cache[name] = stack_cache
+    return x, aux, new_cache
+
+  def __call__(self, tokens_BxT, positions_BxT=None, valid_BxT=None, *,
+               return_aux: bool = False):
+    """Training form. Returns logits [B,T,V] (float32), or (logits, aux) with
+    aux = {"expert_load": [L_moe, E], "balance": [L_moe],
+           "mtp_logits": [depth, B, T, V] where entry k-1 at position i predicts
+           token i+k+1}. `valid` marks real (non-padding) tokens."""
+    c = self.cfg
+    B, T = tokens_BxT.shape
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    if valid_BxT is None:
+      valid_BxT = jnp.ones((B, T), bool)
+    x = self.embed(tokens_BxT)
+    x, moe_aux, _ = self._stacks(x, positions_BxT, valid_BxT, None, None)
+    h_BxTxD = self.final_norm(x)
+    logits_BxTxV = self.head(h_BxTxD)
+    run_mtp = c.mtp_depth > 0 and (return_aux or self.is_initializing())
+    mtp_logits = []
+    mtp_balance = []
+    if run_mtp:
+      h = h_BxTxD
+      for k, module in enumerate(self.mtp, start=1):
+        # Depth k at position i sees token i+k and predicts token i+k+1.
+        shifted = jnp.concatenate([tokens_BxT[:, k:], jnp.zeros((B, k), tokens_BxT.dtype)], 1)
+        ok = valid_BxT & (jnp.arange(T) < T - k)[None]
+        h, aux_k = module(h, self.embed(shifted), positions_BxT, ok)
+        mtp_logits.append(self.head(h))
+        if aux_k:
+          mtp_balance.append(aux_k["balance"])
+    if not return_aux:
+      return logits_BxTxV
+    aux = {}
+    if moe_aux:
+      aux["expert_load"] = moe_aux["load"]
+      aux["balance"] = moe_aux["balance"]
+    if mtp_logits:
+      aux["mtp_logits"] = jnp.stack(mtp_logits)
+    return logits_BxTxV, aux
+
+  def decode(self, tokens_BxT, positions_BxT, cache: LatentCache, start, valid_BxS):
+    """Latent-cache form: runs T new tokens written at cache slots [start, start+T).
+
+    `valid_BxS` marks every filled slot including the new ones. Returns
+    (logits [B,T,V] float32, updated cache). Prefill is this call with start=0.
+    """
+    x = self.embed(tokens_BxT)
+    x, _, layers = self._stacks(x, positions_BxT, valid_BxS, cache, start)
+    return self.head(self.final_norm(x)), LatentCache(layers)

@@ -1,0 +1,113 @@
+"""Supervised fine-tuning (and LM pre-training): the loss and the train step.
+
+The loss is next-token cross-entropy on the tokens whose `loss_mask` is set
+(the response only, for SFT), plus the MTP loss (V3 report eq. 24-25: λ times
+the mean over depths) and the sequence-wise balance loss (α·Σ_i f_i P_i per MoE
+layer). After each optimizer step the routers' correction biases move by the
+sign rule using the step's expert loads (aux-loss-free balancing).
+
+Glossary: B batch, T tokens, V vocab, L MoE layers, E experts, K MTP depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from r1jax.model import ModelConfig, Transformer
+from r1jax.model.moe import update_router_bias
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def token_cross_entropy(logits_BxTxV, targets_BxT, mask_BxT):
+  """(sum of masked token losses, number of masked tokens)."""
+  logp_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+  nll_BxT = -jnp.take_along_axis(logp_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+  mask = mask_BxT.astype(jnp.float32)
+  return jnp.sum(nll_BxT * mask), jnp.sum(mask)
+
+
+def loss_fn(params, batch: dict, cfg: ModelConfig):
+  """batch: tokens [B,T], loss_mask [B,T] (1 where token t is a target), valid [B,T].
+
+  The main head's logits at position i target token i+1; MTP depth k's
+  logits at position i target token i+k+1. Both count only masked targets.
+  """
+  tokens_BxT = batch["tokens"]
+  valid_BxT = batch["valid"].astype(bool)
+  target_mask_BxT = batch["loss_mask"].astype(bool) & valid_BxT
+  B, T = tokens_BxT.shape
+  positions_BxT = batch.get("positions")
+  if positions_BxT is None:
+    positions_BxT = jnp.broadcast_to(jnp.arange(T), (B, T))
+  logits_BxTxV, aux = Transformer(cfg).apply({"params": params}, tokens_BxT, positions_BxT,
+                                             valid_BxT, return_aux=True)
+  nll_sum, n_tok = token_cross_entropy(logits_BxTxV[:, :-1], tokens_BxT[:, 1:],
+                                       target_mask_BxT[:, 1:])
+  lm_loss = nll_sum / jnp.maximum(n_tok, 1.0)
+  loss = lm_loss
+  metrics = {"lm_loss": lm_loss, "tokens": n_tok}
+  if "mtp_logits" in aux:
+    mtp_losses = []
+    for k in range(1, cfg.mtp_depth + 1):
+      s, n = token_cross_entropy(aux["mtp_logits"][k - 1][:, :-(k + 1)], tokens_BxT[:, k + 1:],
+                                 target_mask_BxT[:, k + 1:])
+      mtp_losses.append(s / jnp.maximum(n, 1.0))
+    mtp_loss = jnp.mean(jnp.stack(mtp_losses))
+    loss = loss + cfg.mtp_loss_weight * mtp_loss
+    metrics["mtp_loss"] = mtp_loss
+  if "balance" in aux:
+    balance = jnp.sum(aux["balance"])
+    loss = loss + cfg.seq_aux_loss_alpha * balance
+    metrics["balance_loss"] = balance
+    metrics["expert_load"] = aux["expert_load"]
+  metrics["loss"] = loss
+  return loss, metrics
+
+
+def apply_bias_update(params, expert_load_LxE, rate: float):
+  """b += γ·sign(mean_load − load) for the main model's MoE stack."""
+  if "moe_layers" not in params or not rate:
+    return params
+  router = params["moe_layers"]["moe"]["router"]
+  new_bias = jax.vmap(update_router_bias, in_axes=(0, 0, None))(router["bias"], expert_load_LxE,
+                                                                 rate)
+  new_router = {**router, "bias": new_bias}
+  moe = {**params["moe_layers"]["moe"], "router": new_router}
+  return {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
+
+
+def max_violation(expert_load_LxE) -> jax.Array:
+  """MaxVio (V3 report): max load / mean load − 1, averaged over layers."""
+  load = expert_load_LxE.astype(jnp.float32)
+  return jnp.mean(load.max(-1) / jnp.maximum(load.mean(-1), 1e-9) - 1.0)
+
+
+def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation):
+  """train_step(state, batch) -> (state, metrics); pure, jit it with donated state."""
+
+  def train_step(state: TrainState, batch: dict):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if "expert_load" in metrics:
+      params = apply_bias_update(params, metrics["expert_load"], cfg.bias_update_rate)
+      metrics["max_vio"] = max_violation(metrics.pop("expert_load"))
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step

@@ -1,0 +1,32 @@
+"""r1jax: DeepSeek-R1 (DeepSeek-V3 model, GRPO, the multi-stage recipe) in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="r1jax",
+    version="0.1.0",
+    description="DeepSeek-R1 end to end in JAX/Flax: MLA + DeepSeekMoE, GRPO, rule-based rewards.",
+    packages=setuptools.find_packages(include=["r1jax", "r1jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.7",
+        "flax>=0.10",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.10",
+        "sentencepiece>=0.2",
+        "ml-collections>=1.0",
+        "tensorstore>=0.1.70",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "math-verify>=0.7",
+    ],
+    extras_require={
+        "dev": [
+            "pytest>=8",
+            "hypothesis>=6.100",
+        ],
+    },
+    entry_points={"console_scripts": ["r1jax=r1jax.main:run"]},
+)

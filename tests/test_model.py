@@ -1,0 +1,85 @@
+"""Invariants of the DeepSeek-V3 model: causality, decode = training form, MTP."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.model import LatentCache, ModelConfig, Transformer, init_params, param_counts
+
+
+def _tokens(cfg, shape, seed=1):
+  return jax.random.randint(jax.random.key(seed), shape, 0, cfg.vocab_size)
+
+
+def test_causality(tiny_cfg, tiny_params, tiny_forward):
+  tok = _tokens(tiny_cfg, (2, 12))
+  t = 7
+  changed = tok.at[:, t].set((tok[:, t] + 1) % tiny_cfg.vocab_size)
+  a, aux_a = tiny_forward(tiny_params, tok)
+  b, aux_b = tiny_forward(tiny_params, changed)
+  np.testing.assert_array_equal(a[:, :t], b[:, :t])
+  assert np.abs(a[:, t:] - b[:, t:]).max() > 1e-3  # the change is seen from t on
+  # MTP depth 1 at position i reads token i+1: positions < t-1 must not move.
+  np.testing.assert_array_equal(aux_a["mtp_logits"][0, :, :t - 1], aux_b["mtp_logits"][0, :, :t - 1])
+  assert np.abs(aux_a["mtp_logits"][0, :, t - 1] - aux_b["mtp_logits"][0, :, t - 1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("q_lora_rank", [32, 0])
+def test_decode_form_equals_training_form(tiny_cfg, q_lora_rank):
+  cfg = tiny_cfg.replace(q_lora_rank=q_lora_rank)
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(2))
+  model = Transformer(cfg)
+  decode = jax.jit(lambda p, *a: model.apply({"params": p}, *a, method="decode"))
+  B, T, P = 2, 12, 9
+  tok = _tokens(cfg, (B, T))
+  full = jax.jit(model.apply)({"params": params}, tok)
+  pos = jnp.broadcast_to(jnp.arange(T), (B, T))
+  slots = jnp.arange(T)[None].repeat(B, 0)
+  cache = LatentCache.zeros(cfg, B, T)
+  logits, cache = decode(params, tok[:, :P], pos[:, :P], cache, 0, slots < P)
+  steps = [logits]
+  for t in range(P, T):  # one compilation: `start` is traced
+    logits, cache = decode(params, tok[:, t:t + 1], pos[:, t:t + 1], cache, t, slots <= t)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, atol=2e-5, rtol=0)
+  # Only the latents are cached: (C + R) numbers per token per layer.
+  assert cache.nbytes == cfg.n_layers * B * T * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+
+
+def test_left_padding_matches_unpadded(tiny_cfg, tiny_params, tiny_forward):
+  """A left-padded row with shifted positions and a validity mask gives the same logits."""
+  tok = _tokens(tiny_cfg, (2, 12))
+  alone, _ = tiny_forward(tiny_params, tok)
+  pad = 5
+  padded = jnp.concatenate([jnp.zeros((2, pad), tok.dtype), tok[:, :12 - pad]], 1)
+  pos = jnp.broadcast_to(jnp.maximum(jnp.arange(12) - pad, 0), (2, 12))
+  valid = jnp.broadcast_to(jnp.arange(12) >= pad, (2, 12))
+  out, _ = tiny_forward(tiny_params, padded, pos, valid)
+  np.testing.assert_allclose(out[:, pad:], alone[:, :12 - pad], atol=2e-5, rtol=0)
+
+
+def test_expert_load_counts_valid_tokens(tiny_cfg, tiny_params, tiny_forward):
+  tok = _tokens(tiny_cfg, (2, 12))
+  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  valid = jnp.arange(12)[None].repeat(2, 0) < jnp.array([[12], [6]])
+  _, aux = tiny_forward(tiny_params, tok, pos, valid)
+  np.testing.assert_allclose(aux["expert_load"].sum(-1), 18 * tiny_cfg.n_activated_experts)
+  assert aux["balance"].shape == (tiny_cfg.n_moe_layers,)
+
+
+def test_671b_parameter_count():
+  counts = param_counts(ModelConfig.deepseek_v3_671b())
+  # The official config counts 671,026,404,352 (router correction biases apart).
+  assert counts["total"] == 671_026_404_352
+  assert abs(counts["activated"] / 37e9 - 1) < 0.02
+  assert abs(counts["activated_no_embed"] / 35.7e9 - 1) < 0.01
+  assert abs(counts["mtp"] / 11.6e9 - 1) < 0.01
+  assert counts["router_bias"] == (58 + 1) * 256
+
+
+def test_tiny_config_validation():
+  with pytest.raises(ValueError, match="n_expert_groups"):
+    ModelConfig.tiny(n_routed_experts=6, n_expert_groups=4)
+  with pytest.raises(ValueError, match="n_dense_layers"):
+    ModelConfig.tiny(n_dense_layers=5)

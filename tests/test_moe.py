@@ -1,0 +1,116 @@
+"""DeepSeekMoE: routing by hand, dropless dispatch against the dense reference."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.model import ModelConfig
+from r1jax.model.moe import (dense_reference, dropless_dispatch, expert_load, route,
+                             sequence_balance_loss, update_router_bias)
+
+CFG = ModelConfig.tiny(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
+                       n_activated_experts=2, route_scale=2.5)
+# Experts in groups of two: (e0 e1) (e2 e3) (e4 e5) (e6 e7).
+SCORES = np.array([0.9, 0.1, 0.6, 0.5, 0.7, 0.2, 0.3, 0.3])
+LOGITS = jnp.asarray(np.log(SCORES / (1 - SCORES)))[None]
+
+
+def test_group_limited_routing_by_hand():
+  # Group scores (sum of top-2): 1.0, 1.1, 0.9, 0.6 -> groups 1 and 0 stay. e4 (0.7)
+  # beats e2 (0.6) but its group is out, so the top-2 are e0 and e2.
+  _, idx, w = route(LOGITS, jnp.zeros(8), CFG)
+  assert sorted(idx[0].tolist()) == [0, 2]
+  np.testing.assert_allclose(jnp.sort(w[0]), [0.6 / 1.5 * 2.5, 0.9 / 1.5 * 2.5], rtol=1e-5)
+
+
+def test_bias_changes_selection_not_weights():
+  # +0.3 on e4, e5 lifts group 2 to 1.5: groups 2 and 1 stay; biased top-2 = e4 (1.0), e2 (0.6).
+  bias = jnp.array([0, 0, 0, 0, 0.3, 0.3, 0, 0], jnp.float32)
+  _, idx, w = route(LOGITS, bias, CFG)
+  assert sorted(idx[0].tolist()) == [2, 4]
+  # Weights use the unbiased scores 0.7 and 0.6.
+  order = jnp.argsort(idx[0])
+  np.testing.assert_allclose(w[0][order], [0.6 / 1.3 * 2.5, 0.7 / 1.3 * 2.5], rtol=1e-5)
+
+
+def test_softmax_scoring_without_normalisation():
+  cfg = CFG.replace(score_func="softmax", norm_topk_prob=False, route_scale=1.0)
+  scores, idx, w = route(LOGITS, jnp.zeros(8), cfg)
+  np.testing.assert_allclose(scores.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w, jnp.take_along_axis(scores, idx, 1), rtol=1e-6)
+
+
+def test_bias_update_rule():
+  load = jnp.array([3.0, 1.0, 2.0, 2.0])
+  np.testing.assert_allclose(update_router_bias(jnp.zeros(4), load, 0.001),
+                             [-0.001, 0.001, 0.0, 0.0])
+
+
+def test_expert_load_and_balance_loss_by_numpy():
+  rng = np.random.default_rng(0)
+  B, T, E, K = 2, 5, 8, 2
+  scores = rng.uniform(0.05, 1, (B, T, E)).astype(np.float32)
+  idx = np.argsort(-scores, -1)[..., :K]
+  valid = np.ones((B, T), bool)
+  valid[1, 3:] = False
+  load = expert_load(jnp.asarray(idx.reshape(-1, K)), jnp.asarray(valid.reshape(-1)), E)
+  want_load = np.zeros(E)
+  for b in range(B):
+    for t in range(T):
+      if valid[b, t]:
+        want_load[idx[b, t]] += 1
+  np.testing.assert_allclose(load, want_load)
+  want = []
+  for b in range(B):
+    n = valid[b].sum()
+    f = np.zeros(E)
+    p = np.zeros(E)
+    for t in range(T):
+      if valid[b, t]:
+        f[idx[b, t]] += E / (K * n)
+        p += scores[b, t] / scores[b, t].sum() / n
+    want.append((f * p).sum())
+  got = sequence_balance_loss(jnp.asarray(scores), jnp.asarray(idx), jnp.asarray(valid), K)
+  np.testing.assert_allclose(got, np.mean(want), rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def dispatch_case():
+  N, D, F, E, K = 24, 16, 8, 8, 2
+  keys = jax.random.split(jax.random.key(0), 5)
+  x = jax.random.normal(keys[0], (N, D))
+  experts = (jax.random.normal(keys[1], (E, D, F)) / 4, jax.random.normal(keys[2], (E, D, F)) / 4,
+             jax.random.normal(keys[3], (E, F, D)) / 3)
+  _, idx, w = route(jax.random.normal(keys[4], (N, E)), jnp.zeros(E), CFG)
+  # Make some experts idle and one crowded, so empty and large groups are both covered.
+  idx = idx.at[:10, 0].set(3)
+  return x, experts, idx, w
+
+
+def _ragged(x, experts, idx, w):
+  def fn(x_sorted, sizes):
+    g = jax.lax.ragged_dot(x_sorted, experts[0], sizes)
+    u = jax.lax.ragged_dot(x_sorted, experts[1], sizes)
+    return jax.lax.ragged_dot(jax.nn.silu(g) * u, experts[2], sizes)
+  return dropless_dispatch(fn, x, idx, w, 8)
+
+
+def test_dropless_equals_dense_reference(dispatch_case):
+  x, experts, idx, w = dispatch_case
+  np.testing.assert_allclose(_ragged(x, experts, idx, w), dense_reference(experts, x, idx, w, 8),
+                             atol=1e-5, rtol=1e-5)
+
+
+def test_dropless_gradients_equal_dense_reference(dispatch_case):
+  x, experts, idx, w = dispatch_case
+  cot = jax.random.normal(jax.random.key(9), (x.shape[0], x.shape[1]))
+
+  def loss(fn):
+    return lambda x, e, w: jnp.sum(fn(x, e, w) * cot)
+
+  got = jax.grad(loss(lambda x, e, w: _ragged(x, e, idx, w)), argnums=(0, 1, 2))(x, experts, w)
+  want = jax.grad(loss(lambda x, e, w: dense_reference(e, x, idx, w, 8)), argnums=(0, 1, 2))(
+      x, experts, w)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
