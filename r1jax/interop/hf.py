@@ -1,0 +1,515 @@
+"""Hugging Face DeepSeek-V3 checkpoints <-> r1jax parameters.
+
+`load(path)` reads a checkpoint directory (config.json plus one
+model.safetensors or shards listed in model.safetensors.index.json, bf16 or
+f32) into `(ModelConfig, params)`; `save(path, cfg, params)` writes one that
+transformers loads (checked against 5.23), in the official spelling that vLLM
+and SGLang read too. Names follow the official checkpoints:
+one tensor per routed expert (`mlp.experts.N.{gate,up,down}_proj.weight`), the
+MTP module at layer index `num_hidden_layers + k`.
+
+Layouts: torch linear weights are [out, in]; r1jax kernels are [in, out] with
+the head axis split out (`wq_b` [Q, H, K+R], `wkv_b` [C, H, K+V], `wo`
+[H, V, D]). The rotary dims keep the checkpoint's layout: `rope_interleave`
+(adjacent pairs, the official layout) becomes `rope_interleaved`, nothing is
+permuted. `kv_a_proj_with_mqa` keeps c_kv first, then k_pe, as `wkv_a` does.
+
+The MTP module shares the main embedding and output head; the checkpoint's
+copies (`model.layers.{n}.embed_tokens`, `shared_head.head`) are checked
+against the main ones on load (a warning if they differ, the main ones win)
+and written as copies on save.
+
+Leaves come back as host numpy arrays; `jax.device_put` them with the
+shardings you want. FP8 checkpoints (`weight_scale_inv`) are not handled:
+dequantise them to bf16 first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from typing import Any, Iterator
+
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from r1jax.model.config import ModelConfig
+
+Params = dict[str, Any]
+
+_INDEX = "model.safetensors.index.json"
+# Keys some older checkpoints carry that hold no parameter.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+# The router's correction bias stays float32 in every file we write: it moves
+# in steps of γ = 0.001, below bf16's resolution near ±1 (official files keep it
+# float32 too), and it makes bf16 saves of loaded checkpoints lossless.
+_FLOAT32_SUFFIXES = ("e_score_correction_bias",)
+
+
+# ----------------------------------------------------------------------------
+# Config mapping.
+
+def _rope_dict(hf: dict) -> dict:
+  """The RoPE scaling dict, whichever spelling the config uses (transformers 5
+  `rope_parameters`, or the official `rope_scaling`)."""
+  rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  if any(isinstance(v, dict) for v in rope.values()):
+    raise ValueError("per-layer-type rope_parameters are not a DeepSeek-V3 config")
+  return rope
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+  """A ModelConfig from a Hugging Face DeepSeek-V3 config.json dict.
+
+  `overrides` set r1jax-only fields (dtype, param_dtype, scan_layers, ...)."""
+  arch = hf.get("architectures") or []
+  if hf.get("model_type") != "deepseek_v3" and "DeepseekV3ForCausalLM" not in arch:
+    raise ValueError(f"not a DeepSeek-V3 config (model_type={hf.get('model_type')!r}, "
+                     f"architectures={arch}); r1jax maps DeepSeek-V3 checkpoints only")
+  if hf.get("quantization_config"):
+    raise ValueError("quantised (FP8) checkpoints are not supported: dequantise to bf16 "
+                     "first, e.g. with DeepSeek-V3's inference/fp8_cast_bf16.py")
+  problems = []
+  heads = hf["num_attention_heads"]
+  if hf.get("num_key_value_heads", heads) != heads:
+    problems.append("num_key_value_heads must equal num_attention_heads in MLA")
+  if hf.get("hidden_act", "silu") != "silu":
+    problems.append(f"hidden_act={hf['hidden_act']!r} (only silu)")
+  if hf.get("attention_bias"):
+    problems.append("attention_bias=True (DeepSeek-V3 has none)")
+  if hf.get("moe_layer_freq", 1) != 1:
+    problems.append(f"moe_layer_freq={hf['moe_layer_freq']} (only 1)")
+  if hf.get("topk_method", "noaux_tc") != "noaux_tc":
+    problems.append(f"topk_method={hf['topk_method']!r} (only noaux_tc, V3's biased routing)")
+
+  rope = _rope_dict(hf)
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  yarn: dict[str, Any] = dict(rope_factor=1.0)
+  if rope_type == "yarn":
+    original = rope.get("original_max_position_embeddings", hf["max_position_embeddings"])
+    # transformers derives a missing factor from the two lengths.
+    factor = rope.get("factor") or hf["max_position_embeddings"] / original
+    mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+    if not mscale and mscale_all_dim:
+      problems.append("YaRN with mscale_all_dim but no mscale is not supported")
+    if not (mscale and mscale_all_dim):
+      # transformers then scales cos/sin by 0.1·ln(factor)+1 whatever mscale
+      # says, and leaves the softmax scale alone: mscale=1, mscale_all_dim=0.
+      mscale, mscale_all_dim = 1.0, 0.0
+    if rope.get("attention_factor") is not None:
+      problems.append("YaRN attention_factor overrides are not supported")
+    if rope.get("truncate", True) is False:
+      problems.append("YaRN truncate=False is not supported")
+    yarn = dict(rope_factor=float(factor), original_max_position=int(original),
+                beta_fast=float(rope.get("beta_fast") or 32.0),
+                beta_slow=float(rope.get("beta_slow") or 1.0),
+                mscale=float(mscale), mscale_all_dim=float(mscale_all_dim))
+  elif rope_type != "default":
+    problems.append(f"rope type {rope_type!r} (only default and yarn)")
+  if problems:
+    raise ValueError("unsupported DeepSeek-V3 config: " + "; ".join(problems))
+
+  fields = dict(
+      vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+      n_layers=hf["num_hidden_layers"], n_dense_layers=hf.get("first_k_dense_replace") or 0,
+      n_heads=heads, q_lora_rank=hf.get("q_lora_rank") or 0,
+      kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
+      qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"],
+      d_ff=hf["intermediate_size"], moe_d_ff=hf["moe_intermediate_size"],
+      n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts") or 0,
+      n_activated_experts=hf["num_experts_per_tok"],
+      n_expert_groups=hf.get("n_group") or 1, n_limited_groups=hf.get("topk_group") or 1,
+      route_scale=float(hf.get("routed_scaling_factor", 1.0)),
+      score_func=hf.get("scoring_func", "sigmoid"),
+      norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+      rope_theta=rope_theta,
+      # Official configs predate the key; their checkpoints are interleaved.
+      rope_interleaved=bool(hf.get("rope_interleave", True)),
+      max_seq_len=hf["max_position_embeddings"], rms_norm_eps=float(hf["rms_norm_eps"]),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      mtp_depth=hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0,
+      **yarn)
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def config_to_hf(cfg: ModelConfig, *, torch_dtype: str = "bfloat16") -> dict:
+  """A config.json dict in the official DeepSeek-V3 spelling (`rope_scaling`),
+  which transformers 4 and 5, vLLM and SGLang all read."""
+  rope_scaling = None
+  if cfg.use_yarn:
+    rope_scaling = dict(type="yarn", factor=cfg.rope_factor,
+                        original_max_position_embeddings=cfg.original_max_position,
+                        beta_fast=cfg.beta_fast, beta_slow=cfg.beta_slow,
+                        mscale=cfg.mscale, mscale_all_dim=cfg.mscale_all_dim)
+  return dict(
+      architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3",
+      vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+      num_hidden_layers=cfg.n_layers, first_k_dense_replace=cfg.n_dense_layers,
+      num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+      q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_lora_rank,
+      qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
+      v_head_dim=cfg.v_head_dim, intermediate_size=cfg.d_ff,
+      moe_intermediate_size=cfg.moe_d_ff, n_routed_experts=cfg.n_routed_experts,
+      n_shared_experts=cfg.n_shared_experts, num_experts_per_tok=cfg.n_activated_experts,
+      n_group=cfg.n_expert_groups, topk_group=cfg.n_limited_groups,
+      routed_scaling_factor=cfg.route_scale, scoring_func=cfg.score_func,
+      topk_method="noaux_tc", norm_topk_prob=cfg.norm_topk_prob, moe_layer_freq=1,
+      hidden_act="silu", attention_bias=False, rms_norm_eps=cfg.rms_norm_eps,
+      rope_theta=cfg.rope_theta, rope_scaling=rope_scaling,
+      rope_interleave=cfg.rope_interleaved, max_position_embeddings=cfg.max_seq_len,
+      tie_word_embeddings=cfg.tie_embeddings, num_nextn_predict_layers=cfg.mtp_depth,
+      torch_dtype=torch_dtype)
+
+
+# ----------------------------------------------------------------------------
+# The name table: one _Slot per checkpoint tensor.
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+  path: tuple[str, ...]  # the r1jax leaf
+  index: tuple[int, ...]  # position along the leaf's stacked axes (layer, expert)
+  shape: tuple[int, ...]  # the slice's r1jax shape
+  n_in: int  # 0: stored as is; k > 0: a kernel whose first k dims are inputs
+
+  def hf_shape(self) -> tuple[int, ...]:
+    if not self.n_in:
+      return self.shape
+    return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
+
+  def to_r1jax(self, w: np.ndarray) -> np.ndarray:
+    return w.reshape(self.shape) if not self.n_in else w.T.reshape(self.shape)
+
+  def to_hf(self, x: np.ndarray) -> np.ndarray:
+    if not self.n_in:
+      return x
+    return np.ascontiguousarray(x.reshape(self.hf_shape()[::-1]).T)
+
+
+# (r1jax sub-path, HF name under model.layers.N., slice shape, n_in, per expert)
+_BlockLeaf = tuple[tuple[str, ...], str, tuple[int, ...], int, bool]
+
+
+def _block_leaves(cfg: ModelConfig, moe: bool) -> list[_BlockLeaf]:
+  """The leaves of one block (dense or MoE) and their checkpoint names."""
+  D, H = cfg.d_model, cfg.n_heads
+  K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+  leaves = [(("attn_norm", "scale"), "input_layernorm.weight", (D,), 0, False),
+            (("mlp_norm", "scale"), "post_attention_layernorm.weight", (D,), 0, False)]
+  a = "self_attn."
+  if cfg.q_lora_rank:
+    Q = cfg.q_lora_rank
+    leaves += [(("attn", "wq_a", "kernel"), a + "q_a_proj.weight", (D, Q), 1, False),
+               (("attn", "q_norm", "scale"), a + "q_a_layernorm.weight", (Q,), 0, False),
+               (("attn", "wq_b", "kernel"), a + "q_b_proj.weight", (Q, H, K + R), 1, False)]
+  else:
+    leaves.append((("attn", "wq", "kernel"), a + "q_proj.weight", (D, H, K + R), 1, False))
+  leaves += [(("attn", "wkv_a", "kernel"), a + "kv_a_proj_with_mqa.weight", (D, C + R), 1, False),
+             (("attn", "kv_norm", "scale"), a + "kv_a_layernorm.weight", (C,), 0, False),
+             (("attn", "wkv_b", "kernel"), a + "kv_b_proj.weight", (C, H, K + V), 1, False),
+             (("attn", "wo", "kernel"), a + "o_proj.weight", (H, V, D), 2, False)]
+  if not moe:
+    F = cfg.d_ff
+    return leaves + [(("mlp", "wi_gate", "kernel"), "mlp.gate_proj.weight", (D, F), 1, False),
+                     (("mlp", "wi_up", "kernel"), "mlp.up_proj.weight", (D, F), 1, False),
+                     (("mlp", "wo", "kernel"), "mlp.down_proj.weight", (F, D), 1, False)]
+  E, F = cfg.n_routed_experts, cfg.moe_d_ff
+  leaves += [(("moe", "router", "kernel"), "mlp.gate.weight", (D, E), 1, False),
+             (("moe", "router", "bias"), "mlp.gate.e_score_correction_bias", (E,), 0, False),
+             (("moe", "experts", "wi_gate"), "mlp.experts.{e}.gate_proj.weight", (D, F), 1, True),
+             (("moe", "experts", "wi_up"), "mlp.experts.{e}.up_proj.weight", (D, F), 1, True),
+             (("moe", "experts", "wo"), "mlp.experts.{e}.down_proj.weight", (F, D), 1, True)]
+  if cfg.n_shared_experts:
+    Fs, s = cfg.n_shared_experts * F, "mlp.shared_experts."
+    leaves += [(("moe", "shared", "wi_gate", "kernel"), s + "gate_proj.weight", (D, Fs), 1, False),
+               (("moe", "shared", "wi_up", "kernel"), s + "up_proj.weight", (D, Fs), 1, False),
+               (("moe", "shared", "wo", "kernel"), s + "down_proj.weight", (Fs, D), 1, False)]
+  return leaves
+
+
+def _block_slots(cfg: ModelConfig, moe: bool, prefix: str, root: tuple[str, ...],
+                 layer: tuple[int, ...]) -> dict[str, _Slot]:
+  slots = {}
+  for sub, name, shape, n_in, per_expert in _block_leaves(cfg, moe):
+    experts = range(cfg.n_routed_experts) if per_expert else [None]
+    for e in experts:
+      index = layer + (() if e is None else (e,))
+      slots[prefix + name.format(e=e)] = _Slot(root + sub, index, shape, n_in)
+  return slots
+
+
+def _mtp_copies(cfg: ModelConfig, k: int) -> dict[str, tuple[str, ...]]:
+  """The MTP layer's copies of shared tensors -> the main leaf they copy."""
+  p = f"model.layers.{cfg.n_layers + k}."
+  head = ("embed", "embedding") if cfg.tie_embeddings else ("lm_head", "kernel")
+  return {p + "embed_tokens.weight": ("embed", "embedding"), p + "shared_head.head.weight": head}
+
+
+def _slot_table(cfg: ModelConfig) -> dict[str, _Slot]:
+  """Every checkpoint tensor of `cfg` (MTP copies of shared tensors excepted)."""
+  D, V = cfg.d_model, cfg.vocab_size
+  slots = {"model.embed_tokens.weight": _Slot(("embed", "embedding"), (), (V, D), 0),
+           "model.norm.weight": _Slot(("final_norm", "scale"), (), (D,), 0)}
+  if not cfg.tie_embeddings:
+    slots["lm_head.weight"] = _Slot(("lm_head", "kernel"), (), (D, V), 1)
+  for i in range(cfg.n_layers):
+    moe = i >= cfg.n_dense_layers
+    root, layer = (("moe_layers",), (i - cfg.n_dense_layers,)) if moe else (("dense_layers",), (i,))
+    slots.update(_block_slots(cfg, moe, f"model.layers.{i}.", root, layer))
+  for k in range(cfg.mtp_depth):
+    p, root = f"model.layers.{cfg.n_layers + k}.", (f"mtp_{k}",)
+    slots.update({p + "enorm.weight": _Slot(root + ("enorm", "scale"), (), (D,), 0),
+                  p + "hnorm.weight": _Slot(root + ("hnorm", "scale"), (), (D,), 0),
+                  p + "eh_proj.weight": _Slot(root + ("eh_proj", "kernel"), (), (2 * D, D), 1),
+                  p + "shared_head.norm.weight": _Slot(root + ("norm", "scale"), (), (D,), 0)})
+    slots.update(_block_slots(cfg, cfg.n_moe_layers > 0, p, root + ("block",), ()))
+  return slots
+
+
+def _leaf_shapes(slots: dict[str, _Slot]) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Full leaf shapes: stacked axes (layer, expert) in front of the slice shape."""
+  counts: dict[tuple[str, ...], tuple[int, ...]] = {}
+  shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
+  for s in slots.values():
+    top = counts.get(s.path, (0,) * len(s.index))
+    counts[s.path] = tuple(max(a, b + 1) for a, b in zip(top, s.index))
+    shapes[s.path] = s.shape
+  return {p: counts[p] + shapes[p] for p in shapes}
+
+
+# ----------------------------------------------------------------------------
+# Tree helpers.
+
+def _get(tree: Params, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree: Params, path: tuple[str, ...], value: Any) -> None:
+  for key in path[:-1]:
+    tree = tree.setdefault(key, {})
+  tree[path[-1]] = value
+
+
+def _leaf_paths(tree: Params, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      yield from _leaf_paths(value, prefix + (key,))
+    else:
+      yield prefix + (key,)
+
+
+def _name_list(names: list[str], limit: int = 20) -> str:
+  shown = ", ".join(sorted(names)[:limit])
+  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+# ----------------------------------------------------------------------------
+# Load.
+
+def _files(path: str) -> dict[str, str]:
+  """Tensor name -> file, from the shard index or every *.safetensors file."""
+  index = os.path.join(path, _INDEX)
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {name: os.path.join(path, file) for name, file in weight_map.items()}
+  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files:
+    raise FileNotFoundError(f"no *.safetensors files in {path}")
+  names: dict[str, str] = {}
+  for file in files:
+    with safe_open(os.path.join(path, file), framework="numpy") as f:
+      for name in f.keys():
+        if name in names:
+          raise ValueError(f"tensor {name} is in both {names[name]} and {file}")
+        names[name] = os.path.join(path, file)
+  return names
+
+
+def _read(names: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (name, array) file by file, each file opened once."""
+  by_file: dict[str, list[str]] = {}
+  for name, file in names.items():
+    by_file.setdefault(file, []).append(name)
+  for file, file_names in sorted(by_file.items()):
+    with safe_open(file, framework="numpy") as f:
+      for name in file_names:
+        yield name, f.get_tensor(name)
+
+
+def load(path: str, *, dtype: str = "float32", mtp: bool = True,
+         **overrides) -> tuple[ModelConfig, Params]:
+  """Reads a Hugging Face DeepSeek-V3 checkpoint directory.
+
+  Returns (cfg, params): params is the unboxed `Transformer(cfg)` tree as host
+  numpy arrays of `dtype` (cfg.param_dtype and cfg.dtype are set to it unless
+  overridden). The MTP layers are loaded when the files hold them (cfg.mtp_depth
+  counts those loaded; `mtp=False` skips them). Raises ValueError naming any
+  tensor that is missing, unexpected or of the wrong shape.
+  """
+  with open(os.path.join(path, "config.json")) as f:
+    hf = json.load(f)
+  cfg = config_from_hf(hf, **{"dtype": dtype, "param_dtype": dtype, **overrides})
+  names = _files(path)
+  fp8 = [n for n in names if n.endswith("weight_scale_inv")]
+  if fp8:
+    raise ValueError(f"{path} is an FP8 checkpoint ({fp8[0]}, ...): dequantise it to bf16 "
+                     "first, e.g. with DeepSeek-V3's inference/fp8_cast_bf16.py")
+  names = {n: f for n, f in names.items() if not n.endswith(_IGNORED_SUFFIXES)}
+
+  # MTP: as many layers as the files hold, at most what the config declares.
+  declared = cfg.mtp_depth
+  present = [k for k in range(declared)
+             if any(n.startswith(f"model.layers.{cfg.n_layers + k}.") for n in names)]
+  depth = len(present) if mtp else 0
+  if present != list(range(len(present))):
+    raise ValueError(f"MTP layers {present} present but not contiguous from layer {cfg.n_layers}")
+  if mtp and declared and depth < declared:
+    warnings.warn(f"config declares {declared} MTP layer(s) but {path} holds {depth}; "
+                  f"loading mtp_depth={depth}")
+  cfg = cfg.replace(mtp_depth=depth)
+  skipped = {n for n in names
+             for k in range(depth, declared) if n.startswith(f"model.layers.{cfg.n_layers + k}.")}
+
+  slots = _slot_table(cfg)
+  copies = {n: leaf for k in range(depth) for n, leaf in _mtp_copies(cfg, k).items()}
+  if cfg.tie_embeddings:
+    copies["lm_head.weight"] = ("embed", "embedding")  # tolerated when equal
+  unknown = [n for n in names if n not in slots and n not in copies and n not in skipped]
+  missing = [n for n in slots if n not in names]
+  if unknown or missing:
+    msg = [f"{path} does not match its config.json as a DeepSeek-V3 checkpoint:"]
+    if missing:
+      msg.append(f"missing tensors: {_name_list(missing)}")
+    if unknown:
+      msg.append(f"unexpected tensors: {_name_list(unknown)}")
+    raise ValueError(" ".join(msg))
+
+  np_dtype = _np_dtype(dtype)
+  params: Params = {}
+  for leaf, shape in _leaf_shapes(slots).items():
+    # The router bias keeps float32 whatever the weights' dtype (never trained
+    # by gradient; the model reads it as float32).
+    leaf_dtype = np.float32 if leaf[-2:] == ("router", "bias") else np_dtype
+    _set(params, leaf, np.empty(shape, leaf_dtype))
+  pending_copies = []
+  for name, w in _read({n: f for n, f in names.items() if n not in skipped}):
+    if name in copies:
+      pending_copies.append((name, w))
+      continue
+    slot = slots[name]
+    if tuple(w.shape) != slot.hf_shape():
+      raise ValueError(f"tensor {name} has shape {tuple(w.shape)}, expected {slot.hf_shape()} "
+                       "from config.json")
+    out = _get(params, slot.path)
+    out[slot.index] = slot.to_r1jax(w).astype(out.dtype)
+  for name, w in pending_copies:
+    main = _get(params, copies[name])
+    main_hf = main.T if copies[name] == ("lm_head", "kernel") else main
+    if w.shape != main_hf.shape or not np.array_equal(w.astype(main.dtype), main_hf):
+      warnings.warn(f"{name} differs from the main model's copy; r1jax shares the main "
+                    "embedding and output head, so it is ignored")
+  return cfg, params
+
+
+def _np_dtype(dtype: str) -> np.dtype:
+  """numpy dtype of a name; "bfloat16" resolves through ml_dtypes."""
+  return np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+# ----------------------------------------------------------------------------
+# Save.
+
+
+def to_hf_tensors(cfg: ModelConfig, params: Params, *,
+                  dtype: str = "bfloat16") -> Iterator[tuple[str, np.ndarray]]:
+  """Yields (checkpoint name, array) for every tensor of `params`, MTP copies
+  of the embedding/head included; the router bias stays float32."""
+  slots = _slot_table(cfg)
+  shapes = _leaf_shapes(slots)
+  expected = set(shapes)
+  present = set(_leaf_paths(params))
+  if expected != present:
+    raise ValueError(f"params do not match cfg: missing {sorted(expected - present)}, "
+                     f"unexpected {sorted(present - expected)}")
+  out_dtype = _np_dtype(dtype)
+
+  def cast(name: str, x: np.ndarray) -> np.ndarray:
+    target = np.dtype(np.float32) if name.endswith(_FLOAT32_SUFFIXES) else out_dtype
+    return np.ascontiguousarray(x.astype(target))
+
+  leaves: dict[tuple[str, ...], np.ndarray] = {}
+  for name, slot in slots.items():
+    leaf = leaves.get(slot.path)
+    if leaf is None:
+      # np.asarray also brings a jax array (or one shard gathered) to the host.
+      leaf = leaves[slot.path] = np.asarray(_get(params, slot.path))
+      if leaf.shape != shapes[slot.path]:
+        raise ValueError(f"param {'/'.join(slot.path)} has shape {leaf.shape}, expected "
+                         f"{shapes[slot.path]} from cfg")
+    yield name, cast(name, slot.to_hf(leaf[slot.index]))
+  for k in range(cfg.mtp_depth):
+    for name, leaf_path in _mtp_copies(cfg, k).items():
+      x = np.asarray(_get(params, leaf_path))
+      yield name, cast(name, x.T if leaf_path == ("lm_head", "kernel") else x)
+
+
+def save(path: str, cfg: ModelConfig, params: Params, *, dtype: str = "bfloat16",
+         max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
+  """Writes config.json and the weights in `dtype` (router bias in float32).
+
+  One model.safetensors when everything fits in `max_shard_bytes`, otherwise
+  model-0000i-of-0000n.safetensors shards and model.safetensors.index.json.
+  Refuses a directory that already holds weights unless `overwrite`, which
+  deletes them first (stale shards would otherwise be loaded with the new ones).
+  """
+  os.makedirs(path, exist_ok=True)
+  old = [f for f in os.listdir(path) if f.endswith(".safetensors") or f == _INDEX]
+  if old and not overwrite:
+    raise FileExistsError(f"{path} already holds weights ({', '.join(sorted(old))}); "
+                          "pass overwrite=True to replace them")
+  for f in old:
+    os.remove(os.path.join(path, f))
+  # Shards are written as they fill (one shard in memory at a time) under
+  # provisional names, renamed once their count is known.
+  metadata = {"format": "pt"}  # transformers reads the format from here
+  shard: dict[str, np.ndarray] = {}
+  files: list[tuple[str, list[str]]] = []
+  size = total = 0
+
+  def flush() -> None:
+    file = os.path.join(path, f"partial-{len(files):05d}.safetensors")
+    save_file(shard, file, metadata=metadata)
+    files.append((file, list(shard)))
+    shard.clear()
+
+  for name, x in to_hf_tensors(cfg, params, dtype=dtype):
+    if shard and size + x.nbytes > max_shard_bytes:
+      flush()
+      size = 0
+    shard[name] = x
+    size += x.nbytes
+    total += x.nbytes
+  flush()
+  if len(files) == 1:
+    os.replace(files[0][0], os.path.join(path, "model.safetensors"))
+  else:
+    weight_map = {}
+    for i, (file, names) in enumerate(files, start=1):
+      final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+      os.replace(file, os.path.join(path, final))
+      weight_map.update({name: final for name in names})
+    with open(os.path.join(path, _INDEX), "w") as f:
+      json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
+                indent=2, sort_keys=True)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config_to_hf(cfg, torch_dtype=dtype), f, indent=2, sort_keys=True)
+    f.write("\n")
