@@ -1,0 +1,193 @@
+"""Code reward and its sandbox: passing, failing and hostile programs.
+
+Every attack must score 0, return within its deadline and leave no process.
+"""
+
+import os
+import socket
+import sys
+import tempfile
+import time
+
+import pytest
+
+from r1jax.rewards import code, extract_code, run_tests, sandbox_info
+from r1jax.rewards import sandbox as sb
+
+LIMITS = sb.SandboxLimits(wall_s=2.0, cpu_s=2, memory_mb=256)
+ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
+
+
+def _completion(program: str) -> str:
+  return f"<think>write it</think>\n```python\n{program}\n```"
+
+
+def _leftovers() -> list[int]:
+  """Processes of any sandbox uid, or in a session started by a sandbox run."""
+  return sb.processes_of(uid_range=(sb.UID_BASE, sb.UID_BASE + sb.UID_SPAN))
+
+
+@pytest.fixture(autouse=True)
+def _no_process_left_behind():
+  yield
+  assert _leftovers() == []
+
+
+def test_sandbox_mode_is_reported():
+  info = sandbox_info()
+  assert info.mode in ("isolated", "restricted")
+  if os.geteuid() == 0:
+    assert info.mode == "isolated", "root with namespaces should get full isolation"
+
+
+def test_correct_partial_and_binary():
+  good = _completion("def add(a, b):\n  return a + b")
+  assert code(good, {"tests": ADD_TESTS}, limits=LIMITS) == 1.0
+  half = _completion("def add(a, b):\n  return a + b if a >= 0 else 7")
+  assert code(half, {"tests": ADD_TESTS}, limits=LIMITS) == pytest.approx(2 / 3)
+  assert code(half, {"tests": ADD_TESTS}, limits=LIMITS, binary=True) == 0.0
+  assert code("<think>x</think> no code", {"tests": ADD_TESTS}) == 0.0
+  with pytest.raises(ValueError, match="tests"):
+    code(good, {"tests": "assert add(1, 2) == 3"})
+
+
+def test_extraction_takes_last_python_block_after_thinking():
+  text = ("<think>```python\ndef add(a, b): return 0\n```</think>"
+          "```python\ndef add(a, b): return 1\n```\n```cpp\nint x;\n```\n"
+          "```py\ndef add(a, b): return a + b\n```\ntrailing words")
+  assert extract_code(text) == "def add(a, b): return a + b\n"
+  assert extract_code("<think>```python\ndef f(): pass\n```</think> none") is None
+  assert extract_code("<think>never closed ```python\nx=1\n```") is None
+
+
+def test_value_and_statement_tests():
+  program = ("import collections\n"
+             "def freq(s):\n  return collections.Counter(s)\n"
+             "def pair(a):\n  return collections.namedtuple('P', 'x y')(a, a)\n"
+             "def big():\n  return 3 ** 5000\n"
+             "def half():\n  return 0.5\n"
+             "def none():\n  return None\n")
+  tests = ["assert freq('aab') == {'a': 2, 'b': 1}", "assert pair(1) == (1, 1)",
+           f"assert big() == {3 ** 5000}", "assert half() < 1", "assert 0.5 == half()",
+           "assert none() is None", "assert 'b' in freq('ab')",
+           "x = freq('aa')\nassert x['a'] == 2", "assert sorted(freq('ba')) == ['a', 'b']"]
+  outcomes = run_tests(program, tests, LIMITS)
+  assert [o.passed for o in outcomes] == [True] * len(tests)
+  wrong = run_tests(program, ["assert half() == 0.25", "assert none() is not None"], LIMITS)
+  assert [(o.passed, o.status) for o in wrong] == [(False, "wrong"), (False, "wrong")]
+
+
+# Each program would "pass" the add tests if the hack worked; each must get 0.
+ATTACKS = {
+    "infinite_loop": "while True:\n  pass",
+    "sleep_forever": "import time\ntime.sleep(10**6)",
+    "fork_bomb": "import os\nwhile True:\n  try:\n    os.fork()\n  except OSError:\n    pass",
+    "memory_bomb": "x = bytearray(8 * 1024**3)\ndef add(a, b):\n  return a + b",
+    "memory_creep": "x = []\nwhile True:\n  x.append(' ' * 10**7)",
+    "disk_filler": ("i = 0\nwhile True:\n  open(f'f{i}', 'wb').write(b'x' * 10**6)\n  i += 1"),
+    "sys_exit_before_tests": "import sys\nsys.exit(0)",
+    "os_exit_before_tests": "import os\nos._exit(0)",
+    "exit_in_function": "import os\ndef add(a, b):\n  os._exit(0)",
+    "kill_parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos._exit(0)",
+    "kill_everything": "import os, signal\nos.kill(-1, signal.SIGKILL)",
+    "always_equal": ("class E:\n  def __eq__(self, o):\n    return True\n"
+                     "def add(a, b):\n  return E()"),
+    "int_subclass_eq": ("class I(int):\n  def __eq__(self, o):\n    return True\n"
+                        "def add(a, b):\n  return I(0)"),
+    "patch_assertion_error": ("import builtins\nclass N(Exception): pass\n"
+                              "builtins.AssertionError = N\ndef add(a, b):\n  return 0"),
+    "fake_output": ("import sys\nprint('3 passed')\nsys.stdout.write('OK\\n' * 100)\n"
+                    "def add(a, b):\n  return 0"),
+    "patch_harness_io": ("import os, json\nos.write = lambda fd, b: len(b)\n"
+                         "json.dumps = lambda *a, **k: '[\"i\", \"0x3\"]'\n"
+                         "def add(a, b):\n  return 0"),
+    "steal_nonce_frames": ("import sys\nf = sys._getframe(1)\nnonce = f.f_locals['nonce']\n"
+                           "import os\nos.write(f.f_locals['result_fd'], nonce + b' null')\nos._exit(0)"),
+    "steal_nonce_gc": ("import gc\nfor o in gc.get_objects():\n  pass\n"
+                       "def add(a, b):\n  return 0"),
+    "steal_nonce_signal": ("import signal\nsignal.signal(signal.SIGALRM, lambda s, f: None)\n"
+                           "def add(a, b):\n  return 0"),
+    "steal_nonce_proc_mem": ("open('/proc/self/mem', 'rb')\ndef add(a, b):\n  return 0"),
+    "steal_nonce_traceback": ("import sys\ntry:\n  raise ValueError\nexcept ValueError as e:\n"
+                              "  fr = e.__traceback__.tb_frame\ndef add(a, b):\n  return 0"),
+    "trace_hook": ("import sys\nsys.settrace(lambda *a: None)\ndef add(a, b):\n  return 0"),
+    "ctypes": ("import ctypes\ndef add(a, b):\n  return 0"),
+    "atexit_exit": ("import atexit, os\natexit.register(lambda: os._exit(0))\n"
+                    "def add(a, b):\n  return 0"),
+    "forged_result_fd": ("import os\nfor fd in range(3, 64):\n  try:\n"
+                         "    os.write(fd, b'0' * 32 + b' null')\n  except OSError:\n    pass\n"
+                         "def add(a, b):\n  return 0"),
+    "huge_output": ("import os, sys\nfor _ in range(2000):\n  sys.stdout.write('x' * 100000)\n"
+                    "  sys.stderr.write('y' * 100000)\n"
+                    "  for fd in range(3, 16):\n    try:\n      os.write(fd, b'z' * 65536)\n"
+                    "    except OSError:\n      pass\n"),
+    "background_child": ("import os, time\nif os.fork() == 0:\n  os.setsid()\n  time.sleep(10**6)\n"
+                         "def add(a, b):\n  return 0"),
+}
+
+
+# A value test and a statement test: the statement test is the one a forged
+# harness report would pass (e.g. steal_nonce_frames without the audit hook).
+BOTH_KINDS = ["assert add(1, 2) == 3", "x = add(1, 2)\nassert x == 3"]
+# Rigged __eq__ passes a *statement* test by design (see code.py); value tests
+# are the defence, so these attacks get the value test only.
+VALUE_ONLY = {"always_equal", "int_subclass_eq"}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_attack_scores_zero_within_deadline(name):
+  tests = BOTH_KINDS[:1] if name in VALUE_ONLY else BOTH_KINDS
+  start = time.monotonic()
+  score = code(_completion(ATTACKS[name]), {"tests": tests}, limits=LIMITS)
+  elapsed = time.monotonic() - start
+  assert score == 0.0
+  assert elapsed < len(tests) * LIMITS.wall_s + 1.5
+
+
+def test_network_is_unreachable():
+  with socket.socket() as server:
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(0.1)
+    port = server.getsockname()[1]
+    program = ("import socket\ndef add(a, b):\n"
+               f"  socket.create_connection(('127.0.0.1', {port}), timeout=1).sendall(b'hi')\n"
+               "  return a + b")
+    assert code(_completion(program), {"tests": ADD_TESTS[:1]}, limits=LIMITS) == 0.0
+    with pytest.raises(socket.timeout):
+      server.accept()
+
+
+def test_reading_outside_is_allowed_writing_is_not():
+  readable = "def add(a, b):\n  return a + b if open('/etc/passwd').read() else None"
+  assert code(_completion(readable), {"tests": ADD_TESTS[:1]}, limits=LIMITS) == 1.0
+  # A directory the caller owns (not world-writable), and the shared /tmp.
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as owned:
+    os.chmod(owned, 0o755)
+    for target in (os.path.join(owned, "pwned"), os.path.join(tempfile.gettempdir(), "r1jax_pwned")):
+      program = (f"open({target!r}, 'w').write('x')\n"
+                 "def add(a, b):\n  return a + b")
+      assert code(_completion(program), {"tests": ADD_TESTS[:1]}, limits=LIMITS) == 0.0
+      assert not os.path.exists(target)
+
+
+def test_own_directory_is_writable_and_fresh():
+  program = ("import os\nassert os.listdir('.') == []\nopen('scratch', 'w').write('ok')\n"
+             "def add(a, b):\n  return a + b if open('scratch').read() == 'ok' else 0")
+  assert code(_completion(program), {"tests": ADD_TESTS}, limits=LIMITS) == 1.0
+
+
+def test_restricted_mode_blocks_what_namespaces_would():
+  """The fallback for machines without privilege: the audit hook does the work."""
+  info = sb.SandboxInfo("restricted", "audit_hook", "same_uid", sys.executable)
+  ok = sb.run_job("def add(a, b):\n  return a + b", "eval", "add(1, 2)", LIMITS, info=info)
+  assert (ok.status, ok.payload) == ("ok", '["i","0x3"]')
+  with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(__file__))) as owned:
+    target = os.path.join(owned, "pwned")
+    for program in ["import socket\nsocket.socket()", "import os\nos.fork()",
+                    "import os\nos.kill(os.getppid(), 9)", "import subprocess\nsubprocess.run(['true'])",
+                    f"open({target!r}, 'w')", f"import os\nos.open({target!r}, os.O_WRONLY | os.O_CREAT)",
+                    "import sys\nsys._getframe(1)"]:
+      run = sb.run_job(program, "exec", "pass", LIMITS, info=info)
+      assert run.status == "failed", program
+    assert not os.path.exists(target)

@@ -1,0 +1,88 @@
+"""Reward specs, the weighted sum, and the evaluator's killable pool."""
+
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from r1jax.rewards import REWARDS, RewardEvaluator, RewardSpec, make_reward_fn
+from r1jax.rewards import sandbox as sb
+
+GOOD = "<think>add them</think>\nThe answer is \\boxed{3}."
+EXAMPLE = {"answer": "3", "language": "en"}
+# sympy evaluates this power tower eagerly, in C: only killing the worker stops it.
+HANG = "<think>hmm</think>\\boxed{9^{9^{9^{9}}}}"
+
+
+def test_spec_validation_is_early_and_clear():
+  with pytest.raises(ValueError, match="known rewards: .*accuracy"):
+    RewardSpec.create([("acuracy", 1.0)])
+  with pytest.raises(ValueError, match="unknown options \\['mod'\\]"):
+    RewardSpec.create([("format", 1.0, {"mod": "r1"})])
+  with pytest.raises(ValueError, match="twice"):
+    RewardSpec.create([("format", 1.0), ("format", 2.0)])
+  with pytest.raises(ValueError, match="non-finite"):
+    RewardSpec.create({"format": float("nan")})
+  with pytest.raises(ValueError, match="at least one"):
+    RewardSpec.create([])
+  spec = RewardSpec.create({"accuracy": 1.0, "format": 0.5})
+  assert [t.name for t in spec.terms] == ["accuracy", "format"]
+  assert set(REWARDS) >= {"accuracy", "format", "language", "code", "overlong",
+                          "cosine_accuracy", "repetition"}
+
+
+def test_weighted_sum_in_process():
+  fn = make_reward_fn(RewardSpec.create([("accuracy", 1.0), ("format", 0.5, {"mode": "r1"}),
+                                         ("language", 0.25)]))
+  assert fn(GOOD, EXAMPLE) == pytest.approx(1.75)
+  assert fn("no", EXAMPLE) == pytest.approx(0.25)
+
+
+def test_evaluator_survives_hangs_and_errors():
+  spec = RewardSpec.create([("accuracy", 1.0), ("language", 1.0)], timeout_s=1.0,
+                           num_workers=2)
+  completions = [GOOD, HANG, GOOD, "<think>wrong guess</think>\\boxed{4}"]
+  examples = [EXAMPLE, EXAMPLE, {"answer": "3"}, EXAMPLE]  # third: no language -> error
+  with RewardEvaluator(spec) as evaluator:
+    start = time.monotonic()
+    rewards, per_reward, metrics = evaluator(completions, examples)
+    assert time.monotonic() - start < 6.0
+    np.testing.assert_allclose(per_reward["accuracy"], [1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_allclose(per_reward["language"], [1.0, 1.0, 0.0, 1.0])
+    np.testing.assert_allclose(rewards, [2.0, 1.0, 1.0, 1.0])
+    assert metrics["reward/accuracy/timeouts"] == 1.0
+    assert metrics["reward/language/errors"] == 1.0
+    assert metrics["reward/timeouts"] == 1.0 and metrics["reward/errors"] == 1.0
+    assert metrics["reward/wall_s"] > 0
+    # The pool was repaired: the next batch runs normally.
+    rewards, _, metrics = evaluator([GOOD] * 3, [EXAMPLE] * 3)
+    np.testing.assert_allclose(rewards, [2.0] * 3)
+    assert metrics["reward/timeouts"] == 0.0
+  with pytest.raises(RuntimeError, match="closed"):
+    evaluator([GOOD], [EXAMPLE])
+
+
+def test_killed_worker_leaves_no_sandbox_behind():
+  spec = RewardSpec.create([("code", 1.0, {"limits": sb.SandboxLimits(wall_s=30.0, cpu_s=30)})],
+                           timeout_s=1.5, num_workers=1)
+  sleeper = "<think>x</think>```python\nimport time\ntime.sleep(10**6)\n```"
+  with RewardEvaluator(spec) as evaluator:
+    pid = evaluator._workers[0].proc.pid
+    rewards, _, metrics = evaluator([sleeper], [{"tests": ["assert f() == 1"]}])
+  assert rewards.tolist() == [0.0] and metrics["reward/timeouts"] == 1.0
+  deadline = time.monotonic() + 3.0
+  while time.monotonic() < deadline and sb.processes_of(
+      uid_range=(sb.UID_BASE, sb.UID_BASE + sb.UID_SPAN)):
+    time.sleep(0.05)
+  assert sb.processes_of(uid_range=(sb.UID_BASE, sb.UID_BASE + sb.UID_SPAN)) == []
+  assert not list(pathlib.Path(tempfile.gettempdir()).glob(f"r1jax_sbx_{pid}_*"))
+
+
+def test_length_mismatch_is_an_error():
+  with RewardEvaluator(RewardSpec.create({"format": 1.0}, num_workers=1)) as evaluator:
+    with pytest.raises(ValueError, match="2 completions but 1 examples"):
+      evaluator(["a", "b"], [{}])
+    rewards, per_reward, _ = evaluator([], [])
+    assert rewards.shape == (0,) and per_reward["format"].shape == (0,)
