@@ -1,0 +1,139 @@
+"""Benchmarks that print one JSON line each.
+
+  python -m r1jax.tools.bench rollout --config=tiny --batch=8 --prompt=32 --new=128
+
+Commands live in `COMMANDS` (name -> flag declarer, runner); add one there.
+Times are measured after a warm-up call, so compilation is reported apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.model import ModelConfig, cache_bytes_per_token, init_params, logical_axes, param_counts
+from r1jax.parallel.mesh import logical_sharding, make_mesh
+from r1jax.rl.rollout import sample
+
+
+def medium(**overrides) -> ModelConfig:
+  """~70M parameters (~20M activated): big enough that matmuls, not dispatch, dominate."""
+  fields = dict(
+      vocab_size=8192, d_model=512, n_layers=8, n_dense_layers=1, n_heads=8, q_lora_rank=192,
+      kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, d_ff=1536,
+      moe_d_ff=256, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+      n_limited_groups=2, original_max_position=1024, max_seq_len=4096, mtp_depth=0)
+  fields.update(overrides)
+  return ModelConfig.tiny(**fields)
+
+
+CONFIGS: dict[str, Callable[..., ModelConfig]] = {
+    "tiny": ModelConfig.tiny,
+    "medium": medium,
+    "deepseek_v3_671b": ModelConfig.deepseek_v3_671b,  # figures only; too big to run here
+}
+
+
+def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+  """(first call seconds, mean seconds of `repeats` later calls), results awaited."""
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    jax.block_until_ready(fn())
+  return first, (time.perf_counter() - t0) / repeats
+
+
+# ----------------------------------------------------------------------------
+# rollout
+
+def _rollout_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--prompt", type=int, default=32, help="prompt slots P (all rows full)")
+  p.add_argument("--new", type=int, default=128, help="new tokens N (EOS off: all N are made)")
+  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--top_p", type=float, default=1.0)
+  p.add_argument("--top_k", type=int, default=0)
+  p.add_argument("--repeats", type=int, default=3)
+
+
+def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  mesh = None
+  if args.mesh:
+    mesh = make_mesh(tuple(int(s) for s in args.mesh.split(",")))
+    params = jax.device_put(params, logical_sharding(mesh, logical_axes(cfg)))
+  B, Pn, N = args.batch, args.prompt, args.new
+  prompts = jax.random.randint(jax.random.key(1), (B, Pn), 1, cfg.vocab_size, jnp.int32)
+  lengths = jnp.full((B,), Pn, jnp.int32)
+
+  def run(new: int):
+    return lambda: sample(cfg, params, prompts, lengths, max_new_tokens=new,
+                          rng=jax.random.key(2), temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, eos_id=None, pad_id=0, mesh=mesh).tokens
+
+  first, total_s = _timed(run(N), args.repeats)
+  # Prefill plus one token, to split the decode loop's rate from the prompt pass.
+  _, prefill_s = _timed(run(1), args.repeats)
+  dtype_bytes = jnp.dtype(cfg.dtype).itemsize
+  per_token = cache_bytes_per_token(cfg, dtype_bytes)
+  return {
+      "batch": B, "prompt": Pn, "new": N,
+      "compile_s": round(first - total_s, 3),
+      "rollout_s": round(total_s, 4),
+      "prefill_s": round(prefill_s, 4),
+      "new_tokens_per_s": round(B * N / total_s, 1),
+      "decode_tokens_per_s": round(B * (N - 1) / max(total_s - prefill_s, 1e-9), 1),
+      "cache_dtype": cfg.dtype,
+      "cache_bytes_per_token": per_token["latent"],
+      "naive_cache_bytes_per_token": per_token["naive"],
+      "cache_ratio": round(per_token["ratio"], 2),
+      "cache_bytes": B * (Pn + N) * per_token["latent"],
+  }
+
+
+# ----------------------------------------------------------------------------
+# Command table and entry point.
+
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
+                          Callable[[argparse.Namespace, ModelConfig], dict]]] = {
+    "rollout": (_rollout_flags, _rollout),
+}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(prog="python -m r1jax.tools.bench", description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True)
+  for name, (add_flags, _) in COMMANDS.items():
+    p = sub.add_parser(name)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
+    p.add_argument("--dtype", default=None, help="compute/cache dtype override, e.g. bfloat16")
+    p.add_argument("--mesh", default="", help="data,fsdp,expert,tensor sizes, e.g. 8,1,1,1")
+    add_flags(p)
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+  args = parse(argv)
+  cfg = CONFIGS[args.config]()
+  if args.dtype:
+    cfg = cfg.replace(dtype=args.dtype)
+  result = COMMANDS[args.command][1](args, cfg)
+  counts = param_counts(cfg)
+  line = {"command": args.command, "config": args.config, "backend": jax.default_backend(),
+          "devices": jax.device_count(), "params": counts["total"],
+          "activated_params": counts["activated"], **result}
+  print(json.dumps(line))
+  return line
+
+
+if __name__ == "__main__":
+  main()
