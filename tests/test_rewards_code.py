@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 import pytest
@@ -15,6 +16,12 @@ from r1jax.rewards import code, extract_code, run_tests, sandbox_info
 from r1jax.rewards import sandbox as sb
 
 LIMITS = sb.SandboxLimits(wall_s=2.0, cpu_s=2, memory_mb=256)
+# Every fork of this (JAX, multithreaded) test process that would run Python
+# in the child: os.fork() and subprocess's preexec_fn path run this hook. The
+# count is the guard: JAX's fork RuntimeWarning is raised inside such a hook,
+# where an error is only reported, not propagated.
+_PYTHON_FORKS = []
+os.register_at_fork(before=lambda: _PYTHON_FORKS.append(threading.get_ident()))
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]
 
 
@@ -49,6 +56,42 @@ def test_correct_partial_and_binary():
   assert code("<think>x</think> no code", {"tests": ADD_TESTS}) == 0.0
   with pytest.raises(ValueError, match="tests"):
     code(good, {"tests": "assert add(1, 2) == 3"})
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_caller_is_never_forked_with_threads_alive():
+  """The trainer is multithreaded (XLA pools): Python in a forked copy of it can
+  deadlock, so neither a run nor its deadline cleanup may fork it."""
+  import jax.numpy as jnp
+  jnp.ones(2).block_until_ready()  # XLA threads up, JAX's fork warning armed
+  stop = threading.Event()
+  thread = threading.Thread(target=stop.wait, daemon=True)
+  thread.start()
+  before = len(_PYTHON_FORKS)
+  try:
+    good = _completion("def add(a, b):\n  return a + b")
+    assert code(good, {"tests": ADD_TESTS}, limits=LIMITS) == 1.0
+    sleeper = _completion("import os, time\nos.fork()\ntime.sleep(100)")
+    quick = sb.SandboxLimits(wall_s=0.5)
+    assert code(sleeper, {"tests": ADD_TESTS[:1]}, limits=quick) == 0.0  # killed
+    info = sb.SandboxInfo("restricted", "audit_hook", "same_uid", sys.executable)
+    run = sb.run_job("import time\ntime.sleep(100)", "exec", "pass", quick, info=info)
+    assert run.status == "timeout"
+  finally:
+    stop.set()
+    thread.join()
+  assert len(_PYTHON_FORKS) == before
+
+
+def test_deadline_fallback_through_the_keeper(monkeypatch):
+  """Where PID 1 cannot be signalled from here, the keeper's SIGTERM handler
+  kills it, and the namespace is still empty when `run_job` returns."""
+  if sandbox_info().mode != "isolated":
+    pytest.skip("isolated mode only")
+  monkeypatch.setattr(sb, "_kill_pid1", lambda keeper: False)
+  program = "import os, time\nif os.fork() == 0:\n  os.setsid()\ntime.sleep(100)"
+  run = sb.run_job(program, "exec", "pass", sb.SandboxLimits(wall_s=0.5))
+  assert run.status == "timeout" and run.wall_s < 2.0
 
 
 def test_extraction_takes_last_python_block_after_thinking():

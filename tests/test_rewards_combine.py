@@ -1,7 +1,9 @@
 """Reward specs, the weighted sum, and the evaluator's killable pool."""
 
+import os
 import pathlib
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -14,6 +16,10 @@ GOOD = "<think>add them</think>\nThe answer is \\boxed{3}."
 EXAMPLE = {"answer": "3", "language": "en"}
 # sympy evaluates this power tower eagerly, in C: only killing the worker stops it.
 HANG = "<think>hmm</think>\\boxed{9^{9^{9^{9}}}}"
+# Forks of this (JAX, multithreaded) test process that would run Python in the
+# child: os.fork() and subprocess's preexec_fn path run this hook.
+_PYTHON_FORKS = []
+os.register_at_fork(before=lambda: _PYTHON_FORKS.append(threading.get_ident()))
 
 
 def test_spec_validation_is_early_and_clear():
@@ -64,10 +70,12 @@ def test_evaluator_survives_hangs_and_errors():
     evaluator([GOOD], [EXAMPLE])
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_killed_worker_leaves_no_sandbox_behind():
   spec = RewardSpec.create([("code", 1.0, {"limits": sb.SandboxLimits(wall_s=30.0, cpu_s=30)})],
                            timeout_s=1.5, num_workers=1)
   sleeper = "<think>x</think>```python\nimport time\ntime.sleep(10**6)\n```"
+  forks = len(_PYTHON_FORKS)
   with RewardEvaluator(spec) as evaluator:
     pid = evaluator._workers[0].proc.pid
     rewards, _, metrics = evaluator([sleeper], [{"tests": ["assert f() == 1"]}])
@@ -78,6 +86,8 @@ def test_killed_worker_leaves_no_sandbox_behind():
     time.sleep(0.05)
   assert sb.processes_of(uid_range=(sb.UID_BASE, sb.UID_BASE + sb.UID_SPAN)) == []
   assert not list(pathlib.Path(tempfile.gettempdir()).glob(f"r1jax_sbx_{pid}_*"))
+  # Workers and their replacement come from the forkserver, never a fork of us.
+  assert len(_PYTHON_FORKS) == forks
 
 
 def test_length_mismatch_is_an_error():

@@ -5,9 +5,10 @@ It is not imported by r1jax: `sandbox.py` passes its source to
 
 Protocol. The parent writes one JSON job to stdin: the candidate's code, one
 test (an expression to evaluate, or statements to execute), a fresh random
-nonce, the number of the result pipe and the resource limits. The harness
-reads it, applies the limits, installs an audit hook, runs the candidate code
-and then the test, and only if both finished normally writes
+nonce, the number of the result pipe, the resource limits and, in isolated
+mode, the isolation spec. The harness reads it, isolates itself (below),
+applies the limits, installs an audit hook, runs the candidate code and then
+the test, and only if both finished normally writes
 `nonce + b" " + payload` to the result pipe and `_exit`s. The parent counts a
 test as passed only on that message; the exit status, stdout and stderr mean
 nothing. So `sys.exit(0)`, `os._exit(0)`, killing the harness, printing
@@ -23,7 +24,86 @@ the same uid cannot read its memory either. For value tests the payload is
 the value itself, encoded here with builtins captured before candidate code
 ran, and the *parent* compares it with the expected literal: a forger would
 also need the expected value, which never enters the child.
+
+Isolation (isolated mode). The parent starts this file as a fresh interpreter
+(fork+exec done in C by `subprocess`, never Python in a forked copy of the
+multithreaded trainer), still as root; `_isolate` then does the namespace and
+uid switch itself, in this single-threaded process, before any candidate code
+exists. It forks once: the parent half stays outside the new PID namespace as
+a "keeper" that only waits; the child is the namespace's PID 1 and goes on to
+run the job. At the deadline the caller SIGKILLs PID 1 (or SIGTERMs the
+keeper, which then does it); when PID 1 dies the kernel kills and reaps
+everything in the namespace (setsid or fork bomb alike) before the keeper's
+`waitpid` returns, so the keeper's exit tells the caller that nothing of the
+run is left.
 """
+
+_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = (
+    0x00020000, 0x08000000, 0x20000000, 0x40000000)
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    1, 2, 4, 32, 4096, 16384, 1 << 18)
+_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+
+
+def _isolate(spec):
+  """As root: new net/mount/PID/IPC namespaces, read-only shared dirs, a tmpfs
+  cwd and the run's own uid. Returns in the namespace's PID 1."""
+  import ctypes
+  import os
+  import signal
+
+  libc = ctypes.CDLL(None, use_errno=True)
+
+  def check(ret, what):
+    if ret != 0:
+      err = ctypes.get_errno()
+      raise OSError(err, what + ": " + os.strerror(err))
+
+  # If the reward worker that started us is killed (per-call timeout), die
+  # too; PID 1 below dies with us, and the kernel then empties its namespace.
+  check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+  if os.getppid() != spec["parent"]:  # it died before the line above
+    os._exit(1)
+  check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWIPC),
+        "unshare")
+  # Until the keeper's handler is in place a SIGTERM must not kill it (that
+  # would orphan PID 1): hold SIGTERM across the fork.
+  signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+  pid = os.fork()
+  if pid:  # the keeper: outside the namespace, root, runs no candidate code
+    def on_term(signum, frame):
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except OSError:
+        pass
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    os.closerange(0, 1 << 16)  # the caller's EOF must mean "PID 1 is gone"
+    try:
+      os.waitpid(pid, 0)  # retried after the handler (PEP 475)
+    except ChildProcessError:
+      pass
+    os._exit(0)
+  check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+  check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
+  for d in spec["ro_dirs"]:
+    b = d.encode()
+    check(libc.mount(b, b, None, _MS_BIND | _MS_REC, None), "bind")
+    check(libc.mount(None, b, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID
+                     | _MS_NODEV, None), "remount ro")
+  uid, workdir = spec["uid"], spec["workdir"]
+  opts = "size=%dm,nr_inodes=4096,mode=0700,uid=%d,gid=%d" % (spec["disk_mb"], uid, uid)
+  check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                   opts.encode()), "mount tmpfs")
+  os.chdir(workdir)  # the old cwd is the directory under the new mount
+  check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+  os.setgroups([])
+  os.setresgid(uid, uid, uid)
+  os.setresuid(uid, uid, uid)
+  # After the uid change (which clears it): die with the keeper.
+  check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
 
 
 def _main():
@@ -57,6 +137,8 @@ def _main():
   devnull = os.open(os.devnull, os.O_RDONLY)
   os.dup2(devnull, 0)
   os.close(devnull)
+  if job["isolate"] is not None:
+    _isolate(job["isolate"])
 
   try:
     # Non-dumpable: /proc/<pid>/mem of this process is closed to other

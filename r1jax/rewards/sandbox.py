@@ -4,18 +4,22 @@ One call of `run_job` = one fresh child that runs the candidate's code and one
 test under `harness.py` (read that docstring for the result protocol). Two
 modes, chosen at runtime by `sandbox_info()` (a probe that runs a trivial job):
 
-"isolated" (root with namespaces, the normal case on our machines). In the
-  forked child, before exec: new network namespace (no interface is up, so no
-  connection at all, localhost included), new mount namespace in which every
-  world-writable directory (/tmp, /var/tmp, /dev/shm, /run/lock) is bound
-  read-only and the working directory is a fresh size-limited tmpfs, new PID
-  namespace (the harness is its PID 1: when it exits the kernel kills and
-  reaps everything the candidate started, setsid or not), IPC namespace, then
-  `no_new_privs` and a switch to a fresh uid of its own (unique per run, not
-  shared with any other process), so it can write nothing outside the tmpfs,
-  cannot signal the reward worker, and `RLIMIT_NPROC` counts its processes
-  only. At the deadline every process of that uid is SIGKILLed at once
-  (`kill(-1)` issued as that uid: atomic against a fork bomb).
+"isolated" (root with namespaces, the normal case on our machines). The
+  harness, started as root in a fresh interpreter, isolates itself before it
+  runs any candidate code (harness.py, `_isolate`): new network namespace (no
+  interface is up, so no connection at all, localhost included), new mount
+  namespace in which every world-writable directory (/tmp, /var/tmp, /dev/shm,
+  /run/lock) is bound read-only and the working directory is a fresh
+  size-limited tmpfs, new PID namespace (the harness is its PID 1: when it
+  exits the kernel kills and reaps everything the candidate started, setsid or
+  not), IPC namespace, then `no_new_privs` and a switch to a fresh uid of its
+  own (unique per run, not shared with any other process), so it can write
+  nothing outside the tmpfs, cannot signal the reward worker, and
+  `RLIMIT_NPROC` counts its processes only. At the deadline the caller
+  SIGKILLs PID 1 (the child of the harness's "keeper" half, left outside the
+  namespace); the kernel then kills the whole namespace at once (no new
+  process can enter it: atomic against a fork bomb), and the keeper exits only
+  when all of it is reaped.
 "restricted" (no privilege): same uid as the caller, a temp directory as cwd,
   and the harness's audit hook refuses sockets, fork/exec/spawn, kill and
   writes outside the directory. Weaker: code that reaches C without going
@@ -25,11 +29,15 @@ Both modes: fresh cwd, scrubbed environment, `python -I -S` (no site-packages,
 no PYTHON* variables: stdlib only), rlimits on CPU, address space, processes,
 file size and open files, stdout discarded, stderr and the result capped, and
 the whole process group killed at the wall-clock deadline.
+
+The caller is a multithreaded JAX process, where running Python in a forked
+child can deadlock (a lock held by another thread at fork time). So this side
+never forks: `subprocess.Popen` without `preexec_fn` forks and execs in C, and
+everything privileged happens in the fresh, single-threaded harness process.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import json
@@ -49,12 +57,6 @@ _HARNESS = (pathlib.Path(__file__).parent / "harness.py").read_text()
 UID_BASE, UID_SPAN = 3_000_000, 1 << 20
 _WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 _WORKDIR_PREFIX = "r1jax_sbx_"
-
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = (
-    0x00020000, 0x08000000, 0x20000000, 0x40000000)
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
-    1, 2, 4, 32, 4096, 16384, 1 << 18)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,77 +90,22 @@ class RunResult:
   uid: int | None  # the run's own uid (isolated mode)
 
 
-# ---------------------------------------------------------------- isolation
+# ---------------------------------------------------------------- processes
 
 
-def _libc() -> ctypes.CDLL:
-  return ctypes.CDLL(None, use_errno=True)
+def kill_uid(uid: int, timeout_s: float = 2.0) -> None:
+  """SIGKILLs every process of `uid` by pid until none is left (or timeout).
 
-
-def _check(ret: int, what: str) -> None:
-  if ret != 0:
-    err = ctypes.get_errno()
-    raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def _isolate(uid: int, workdir: str, disk_mb: int, ro_dirs: tuple[str, ...]) -> None:
-  """preexec_fn (runs in the forked child, as root): namespaces, mounts, uid."""
-  libc = _libc()
-  _check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWIPC),
-         "unshare")
-  # If the reward worker that launched us is killed (per-call timeout), die
-  # too; the harness below dies with us, and the kernel then kills its
-  # namespace.
-  _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
-  # The new PID namespace applies to our children: fork once so the program
-  # becomes its PID 1. This middle process only waits and passes the status.
-  pid = os.fork()
-  if pid:
-    os.closerange(0, 1 << 16)
-    status = 0
-    while True:
+  A fallback only, for when the harness's keeper itself was killed and could
+  not see its namespace emptied. No fork: we are root and signal directly.
+  """
+  deadline = time.monotonic() + timeout_s
+  while (pids := processes_of(uid=uid)) and time.monotonic() < deadline:
+    for pid in pids:
       try:
-        _, status = os.waitpid(pid, 0)
-        break
-      except InterruptedError:
-        continue
-      except ChildProcessError:
-        break
-    os._exit(1 if status else 0)
-  _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
-  for d in ro_dirs:
-    b = d.encode()
-    _check(libc.mount(b, b, None, _MS_BIND | _MS_REC, None), "bind")
-    _check(libc.mount(None, b, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID
-                      | _MS_NODEV, None), "remount ro")
-  opts = f"size={disk_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}".encode()
-  _check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts),
-         "mount tmpfs")
-  os.chdir(workdir)  # the old cwd is the directory under the new mount
-  _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-  os.setgroups([])
-  os.setresgid(uid, uid, uid)
-  os.setresuid(uid, uid, uid)
-  # After the uid change (which clears it): die with the middle process.
-  _check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
-
-
-def kill_uid(uid: int) -> None:
-  """SIGKILLs every process of `uid` at once: kill(-1) issued as that uid."""
-  for _ in range(5):
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-      try:
-        os.setgroups([])
-        os.setresgid(uid, uid, uid)
-        os.setresuid(uid, uid, uid)
-        os.kill(-1, signal.SIGKILL)
-      except BaseException:  # noqa: BLE001
+        os.kill(pid, signal.SIGKILL)
+      except (ProcessLookupError, PermissionError):
         pass
-      os._exit(0)
-    os.waitpid(pid, 0)
-    if not processes_of(uid=uid):
-      return
     time.sleep(0.01)
 
 
@@ -218,19 +165,21 @@ def run_job(code: str, kind: str, src: str, limits: SandboxLimits = SandboxLimit
   uid = UID_BASE + secrets.randbelow(UID_SPAN) if isolated else None
   workdir = tempfile.mkdtemp(prefix=f"{_WORKDIR_PREFIX}{os.getpid()}_")
   read_fd, write_fd = os.pipe()
+  isolate = None
+  if isolated:
+    ro_dirs = [d for d in _WORLD_WRITABLE if os.path.isdir(d) and not os.path.islink(d)]
+    isolate = {"uid": uid, "workdir": workdir, "disk_mb": limits.disk_mb,
+               "ro_dirs": ro_dirs, "parent": os.getpid()}
   job = json.dumps({"code": code, "kind": kind, "src": src, "nonce": nonce,
                     "fd": write_fd, "rlimits": _rlimits(limits),
-                    "restricted": not isolated}).encode()
-  preexec = None
-  if isolated:
-    ro_dirs = tuple(d for d in _WORLD_WRITABLE if os.path.isdir(d) and not os.path.islink(d))
-    preexec = functools.partial(_isolate, uid, workdir, limits.disk_mb, ro_dirs)
-  proc = None
+                    "restricted": not isolated, "isolate": isolate}).encode()
   try:
+    # No preexec_fn: the fork (vfork) and exec then happen in C, with no
+    # Python run in a copy of this multithreaded process.
     proc = subprocess.Popen(
         [info.python, "-I", "-S", "-B", "-c", _HARNESS], stdin=subprocess.PIPE,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, pass_fds=(write_fd,),
-        cwd=workdir, env=_env(workdir), start_new_session=True, preexec_fn=preexec)
+        cwd=workdir, env=_env(workdir), start_new_session=True)
   except (OSError, subprocess.SubprocessError) as e:
     os.close(read_fd)
     shutil.rmtree(workdir, ignore_errors=True)
@@ -298,14 +247,53 @@ def _communicate(proc: subprocess.Popen, read_fd: int, job: bytes, deadline: flo
   return bytes(result), bytes(stderr), False
 
 
+def _children(pid: int) -> list[int]:
+  """Direct children of `pid` (empty if the kernel does not say)."""
+  try:
+    with open(f"/proc/{pid}/task/{pid}/children", "rb") as f:
+      return [int(c) for c in f.read().split()]
+  except OSError:
+    return []
+
+
+def _kill_pid1(keeper: int) -> bool:
+  """SIGKILLs the keeper's only child, the namespace's PID 1; False if not done."""
+  for pid in _children(keeper):
+    try:
+      fd = os.pidfd_open(pid)
+    except OSError:  # gone already, or no pidfd (Linux < 5.3)
+      continue
+    try:
+      # Still the keeper's child once the fd is open: the fd is PID 1, not
+      # an unrelated process that got a recycled pid.
+      if pid in _children(keeper):
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+      pass
+    finally:
+      os.close(fd)
+  return False
+
+
 def _cleanup(proc: subprocess.Popen, uid: int | None) -> None:
   """Kills everything the run started and reaps the direct child."""
-  if uid is not None:
-    kill_uid(uid)  # first: the PID-1 harness and all it started
-  try:
-    os.killpg(proc.pid, signal.SIGKILL)
-  except (ProcessLookupError, PermissionError):
-    pass
+  if uid is not None and proc.poll() is None:
+    # Isolated: once PID 1 dies the keeper exits, and only after the kernel
+    # has reaped the whole namespace, so its exit means nothing is left.
+    # Killing PID 1 from here is quicker than asking the keeper (Python,
+    # starved by a fork bomb); its SIGTERM handler is the fallback.
+    if not _kill_pid1(proc.pid):
+      proc.terminate()
+    try:
+      proc.wait(2.0)
+    except subprocess.TimeoutExpired:
+      pass
+  if uid is None or proc.poll() is None:  # restricted: also what outlived it
+    try:
+      os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+      pass
   if uid is None:
     for pid in processes_of(sid=proc.pid):
       try:
@@ -317,6 +305,10 @@ def _cleanup(proc: subprocess.Popen, uid: int | None) -> None:
   except subprocess.TimeoutExpired:
     proc.kill()
     proc.wait(2.0)
+  if uid is not None and proc.returncode < 0:
+    # The keeper was killed (by us just now, or e.g. the OOM killer): PID 1
+    # still dies with it (PDEATHSIG), but nobody waited for its namespace.
+    kill_uid(uid)
   for stream in (proc.stdin, proc.stderr):
     if stream and not stream.closed:
       try:
@@ -327,12 +319,15 @@ def _cleanup(proc: subprocess.Popen, uid: int | None) -> None:
 
 # ---------------------------------------------------------------- probe
 
-_PROBE_CODE = "def f(x):\n  return x + 1\n"
+# The import checks that the run's uid can read the interpreter's stdlib
+# (`fractions` is not loaded by the harness itself, `_decimal` is a C module).
+_PROBE_CODE = "import fractions\ndef f(x):\n  return x + 1\n"
 
 
 def _interpreters() -> list[str]:
-  # The caller's interpreter may live where a fresh uid cannot reach it (e.g.
-  # under /root): fall back to a system one; the child needs the stdlib only.
+  # The caller's interpreter may keep its stdlib where a fresh uid cannot read
+  # it (e.g. under /root): fall back to a system one; the child needs the
+  # stdlib only.
   found = [sys.executable]
   for path in ("/usr/bin/python3", "/usr/local/bin/python3", shutil.which("python3")):
     if path and os.access(path, os.X_OK) and path not in found:
