@@ -34,8 +34,12 @@ def base() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(_fields(ModelConfig.tiny()))
   c.optim = ml_collections.ConfigDict(_fields(OptimConfig()))
   c.mesh = (-1, 1, 1, 1)  # (data, fsdp, expert, tensor); -1 takes the remaining devices
+  # data: `task` names an entry of r1jax.data.tasks.TASKS, which reads its own options here
+  # (arithmetic: min/max_steps; countdown: min/max_numbers, max_value, max_target,
+  # max_misses; both: zh_fraction).
   c.data = ml_collections.ConfigDict(dict(
       task="arithmetic", n_train=4096, n_eval=256, min_steps=1, max_steps=3, zh_fraction=0.25,
+      min_numbers=3, max_numbers=4, max_value=50, max_target=100, max_misses=2,
       template="r1_zero", seq_len=160, vocab_size=512, tokenizer_path=""))
   c.train = ml_collections.ConfigDict(dict(
       steps=60, batch_size=32, log_every=10, eval_every=0, checkpoint_every=50))

@@ -6,9 +6,10 @@ text round-trips) and cached as a `.model` file; real runs load a file.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -36,6 +37,29 @@ def r1_chat_prompt(question: str) -> str:
 
 def r1_zero_response(cot: str, answer: str) -> str:
   return f" <think> {cot} </think> <answer> {answer} </answer>"
+
+
+def r1_chat_response(cot: str, answer: str) -> str:
+  """Continues `r1_chat_prompt` (which opened <think>): reasoning, then the boxed answer."""
+  return f"{cot}\n</think>\n\n\\boxed{{{answer}}}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  prompt: Callable[[str], str]  # question -> prompt text
+  response: Callable[[str, str], str]  # (cot, answer) -> target text for SFT
+
+
+TEMPLATES: dict[str, Template] = {
+    "r1_zero": Template(r1_zero_prompt, r1_zero_response),
+    "r1_chat": Template(r1_chat_prompt, r1_chat_response),
+}
+
+
+def get_template(name: str) -> Template:
+  if name not in TEMPLATES:
+    raise ValueError(f"unknown template {name!r}; known templates: {sorted(TEMPLATES)}")
+  return TEMPLATES[name]
 
 
 class Tokenizer:

@@ -18,32 +18,20 @@ import ml_collections
 import numpy as np
 
 from r1jax import configs
-from r1jax.data import sft_data
+from r1jax.data import pipelines, tasks
 from r1jax.data import tokenizer as tokenizer_lib
-from r1jax.data.tasks import arithmetic
 from r1jax.model import init_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import optim, sft
 
 
-def _pairs(examples: list[dict], template: str) -> list[tuple[str, str]]:
-  if template != "r1_zero":
-    raise ValueError(f"data.template must be 'r1_zero' for the SFT job, got {template!r}")
-  return [(tokenizer_lib.r1_zero_prompt(e["question"]),
-           tokenizer_lib.r1_zero_response(e["cot"], e["answer"])) for e in examples]
-
-
 def _examples(c: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
-  if c.data.task != "arithmetic":
-    raise ValueError(f"data.task {c.data.task!r} is not known; use 'arithmetic'")
-  kw = dict(min_steps=c.data.min_steps, max_steps=c.data.max_steps,
-            zh_fraction=c.data.zh_fraction)
-  train = arithmetic.generate(c.data.n_train, c.seed, **kw)
-  seen = {e["question"] for e in train}
-  held_out = [e for e in arithmetic.generate(4 * c.data.n_eval, c.seed + 1_000_003, **kw)
-              if e["question"] not in seen][:c.data.n_eval]
-  return train, held_out
+  """(train, held-out) examples of the configured task; its options are `c.data` keys."""
+  task = tasks.get(c.data.task)
+  options = {k: c.data[k] for k in task.options}
+  return tasks.make_splits(c.data.task, n_train=c.data.n_train, n_eval=c.data.n_eval,
+                           seed=c.seed, **options)
 
 
 def _trim_metrics(path: str, last_step: int) -> None:
@@ -85,14 +73,15 @@ def train_sft(c: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = mesh_lib.make_mesh(tuple(c.mesh))
   # Input.
   train_ex, eval_ex = _examples(c)
+  train_pairs = pipelines.sft_pairs(train_ex, c.data.template)
   tok_path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
-  corpus = [p + r for p, r in _pairs(train_ex, c.data.template)]
-  tok = tokenizer_lib.train_or_load(tok_path, corpus, c.data.vocab_size)
-  train_rows, dropped = sft_data.encode_rows(tok, _pairs(train_ex, c.data.template), c.data.seq_len)
-  eval_rows, _ = sft_data.encode_rows(tok, _pairs(eval_ex, c.data.template), c.data.seq_len)
+  tok = tokenizer_lib.train_or_load(tok_path, [p + r for p, r in train_pairs], c.data.vocab_size)
+  train_rows, dropped = pipelines.encode_rows(tok, train_pairs, c.data.seq_len)
+  eval_rows, _ = pipelines.encode_rows(tok, pipelines.sft_pairs(eval_ex, c.data.template),
+                                       c.data.seq_len)
   if dropped:
     print(f"[data] dropped {dropped} training rows longer than seq_len={c.data.seq_len}")
-  batches = sft_data.BatchIterator(train_rows, c.train.batch_size, c.seed)
+  batches = pipelines.sft_batches(train_rows, c.train.batch_size, c.seed)
   # Model.
   cfg = configs.model_config(c)
   if tok.vocab_size > cfg.vocab_size:

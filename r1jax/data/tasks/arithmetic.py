@@ -1,9 +1,12 @@
 """Multi-step arithmetic with worked solutions, in English and Chinese.
 
 Each example: {"question", "answer" (an integer as a string), "cot" (the worked
-steps), "language" ("en" or "zh")}. A Chinese problem is posed and solved in
-Chinese words around Arabic numerals, so that language mixing in the chain of
-thought can be measured by the language-consistency reward.
+steps), "language" ("en" or "zh"), "match": "exact", "expression" (the
+problem alone, the same in both languages)}. The answer is a plain
+integer, so the accuracy reward compares strings ("exact") and needs no
+math-verify. A Chinese problem is posed and solved in Chinese words around
+Arabic numerals, so that language mixing in the chain of thought can be
+measured by the language-consistency reward.
 """
 
 from __future__ import annotations
@@ -40,12 +43,20 @@ def make_example(rng: random.Random, n_steps: int, language: str) -> dict:
                  [words["then"].format(step=s) for s in steps[1:]] +
                  [words["final"].format(ans=value)])
   return {"question": words["ask"].format(expr=expr), "answer": str(value), "cot": cot,
-          "language": language}
+          "language": language, "match": "exact", "expression": expr}
 
 
-def generate(n: int, seed: int, *, min_steps: int = 1, max_steps: int = 3,
-             zh_fraction: float = 0.25) -> list[dict]:
-  """`n` examples, deterministic in `seed`."""
-  rng = random.Random(seed)
-  return [make_example(rng, rng.randint(min_steps, max_steps),
-                       "zh" if rng.random() < zh_fraction else "en") for _ in range(n)]
+def sample(rng: random.Random, *, min_steps: int = 1, max_steps: int = 3,
+           zh_fraction: float = 0.25) -> dict:
+  """One problem of `min_steps`..`max_steps` operations; deterministic in `rng`."""
+  if not 1 <= min_steps <= max_steps:
+    raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
+  if not 0.0 <= zh_fraction <= 1.0:
+    raise ValueError(f"zh_fraction must be in [0, 1], got {zh_fraction}")
+  n_steps = rng.randint(min_steps, max_steps)
+  return make_example(rng, n_steps, "zh" if rng.random() < zh_fraction else "en")
+
+
+def problem_key(example: dict) -> str:
+  """The problem's identity: the same expression asked in English or Chinese is one problem."""
+  return f"arithmetic:{example['expression']}"
