@@ -1,4 +1,4 @@
-"""Reinforcement learning: the rollout sampler (GRPO's loss and step come later)."""
+"""Reinforcement learning: the latent-cache sampler, GRPO's pure loss, and the RL step."""
 
 from r1jax.rl.rollout import (Rollout, SamplingConfig, generate, left_pad, rollout, sample,
                               select_tokens)

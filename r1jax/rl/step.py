@@ -1,0 +1,569 @@
+"""One GRPO iteration: rollout → rewards → advantages → old/ref log-probs → μ updates.
+
+Python orchestrates; the heavy parts are pure jitted functions:
+
+  sample (r1jax/rl/rollout.py)  π_old = the current params draw G completions per prompt
+  reward_fn                     Python (a RewardEvaluator's worker pool, or any callable)
+  group_advantages              r1jax/rl/grpo.py
+  logprob_fn (jit)              the trainer's own log-probs of the sampled tokens under π_old
+                                and π_ref, one minibatch at a time
+  train_step (jit, donated)     one optimizer update on one minibatch, then the MoE
+                                routers' bias rule (aux-loss-free balancing)
+
+π_old's log-probs are recomputed by the trainer rather than taken from the
+sampler: the ratio then starts at exactly 1, and the sampler/trainer mismatch
+(small in f32, larger in bf16) is measured and, with `tis_cap`, corrected by
+truncated importance sampling (Yao et al. 2025): each token's surrogate is
+weighted by min(π_old,trainer / π_old,sampler, tis_cap).
+
+A sequence is [prompt (left-padded to P slots); completion (N slots)]; a slot's
+RoPE position is slot − pad count, as in the sampler.
+
+Glossary: Q prompts per step, G group size, B = Q·G completions, b minibatch
+rows, P prompt slots, N new tokens, L = P + N, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh
+
+from r1jax.model import ModelConfig, Transformer, logical_axes
+from r1jax.parallel import mesh as mesh_lib
+from r1jax.rl import grpo
+from r1jax.rl.rollout import sample
+from r1jax.train import optim
+from r1jax.train.sft import apply_bias_update, max_violation
+
+# (completions, examples) -> (rewards [B], {reward name: [B]}, metrics);
+# `r1jax.rewards.combine.RewardEvaluator` is one.
+RewardFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]]],
+                    tuple[np.ndarray, dict[str, np.ndarray], dict[str, float]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+  """GRPO's settings; defaults are DeepSeek-R1-Zero's (R1 Nature version, Methods).
+
+  A "step" here is one iteration: one rollout of prompts_per_step × group_size
+  completions, then num_iterations passes of n_minibatches updates. The paper
+  counts updates: its rollout of 8,192 outputs (512 questions × 16) is split
+  into 16 minibatches of 32 questions, one pass, and "32 questions per step"
+  means per update. `ref_reset_every` and the optimizer's schedule count
+  updates too, so the paper's numbers carry over.
+  """
+  # Sampling. R1-Zero: G = 16, temperature 1, max length 32,768.
+  group_size: int = 16
+  prompts_per_step: int = 512
+  max_prompt_len: int = 1024  # P, the prompt bucket (one compilation)
+  max_new_tokens: int = 32768
+  temperature: float = 1.0
+  top_p: float = 1.0
+  top_k: int = 0
+  # Updates. R1-Zero: one pass (μ = 1) over 16 minibatches.
+  num_iterations: int = 1
+  n_minibatches: int = 16
+  # The loss (r1jax/rl/grpo.py). R1-Zero: β = 0.001 with k3; DAPO: ε 0.2/0.28,
+  # β = 0, "token-mean"; Dr. GRPO: "seq-mean-token-sum-norm", scale "none".
+  # R1's first RL stage used ε = 10. β = 0 keeps no reference model (and logs no KL).
+  eps_low: float = 0.2
+  eps_high: float = 0.2
+  beta: float = 0.001
+  kl_estimator: str = "k3"
+  aggregation: str = "seq-mean-token-mean"
+  max_len: int | None = None  # Dr. GRPO's constant; None = max_new_tokens
+  advantage_scale: str = "group"
+  advantage_eps: float = 1e-6
+  # DAPO dynamic sampling: drop groups whose rewards are all equal and refill
+  # from up to max_retries further rollouts of fresh prompts.
+  dynamic_sampling: bool = False
+  max_retries: int = 4
+  # DAPO overlong filtering: completions cut at max_new_tokens get no loss.
+  mask_truncated: bool = False
+  # R1: the reference is reset to the policy every 400 updates; 0 = never.
+  ref_reset_every: int = 400
+  # Truncated importance sampling cap (Yao et al. suggest 2); 0 = off.
+  tis_cap: float = 0.0
+
+  def __post_init__(self):
+    grpo._check_name("KL estimator", self.kl_estimator, grpo.KL_ESTIMATORS)
+    grpo._check_name("aggregation", self.aggregation, grpo.AGGREGATIONS)
+    grpo._check_name("advantage scale", self.advantage_scale, grpo.ADVANTAGE_SCALES)
+    problems = []
+    if self.group_size < 2:
+      problems.append(f"group_size={self.group_size} must be >= 2 (advantages compare "
+                      "completions of one prompt)")
+    for name in ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_iterations",
+                 "n_minibatches"):
+      if getattr(self, name) < 1:
+        problems.append(f"{name} must be >= 1")
+    if (self.prompts_per_step * self.group_size) % max(self.n_minibatches, 1):
+      problems.append(f"n_minibatches={self.n_minibatches} must divide the "
+                      f"{self.prompts_per_step * self.group_size} completions per step")
+    if self.temperature <= 0:
+      problems.append(f"temperature={self.temperature} must be > 0: greedy sampling makes "
+                      "a group's completions identical, so every advantage is 0")
+    if min(self.eps_low, self.eps_high, self.beta, self.tis_cap) < 0:
+      problems.append("eps_low, eps_high, beta and tis_cap must be >= 0")
+    if self.max_retries < 0 or self.ref_reset_every < 0:
+      problems.append("max_retries and ref_reset_every must be >= 0")
+    if self.max_len is not None and self.max_len < 1:
+      problems.append("max_len must be >= 1 (or None for max_new_tokens)")
+    if problems:
+      raise ValueError("Invalid GRPOConfig: " + "; ".join(problems))
+
+  @property
+  def batch_size(self) -> int:
+    return self.prompts_per_step * self.group_size
+
+  @property
+  def minibatch_size(self) -> int:
+    return self.batch_size // self.n_minibatches
+
+  @property
+  def updates_per_step(self) -> int:
+    return self.num_iterations * self.n_minibatches
+
+  def loss_options(self) -> tuple[tuple[str, Any], ...]:
+    """grpo_loss's keyword arguments, hashable (the jitted programs' cache key)."""
+    return (("eps_low", self.eps_low), ("eps_high", self.eps_high), ("beta", self.beta),
+            ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation),
+            ("max_len", self.max_len or self.max_new_tokens))
+
+
+@flax.struct.dataclass
+class RLState:
+  """What a GRPO run carries between steps (orbax saves it as is).
+
+  step counts GRPO iterations; ref_params is None when β = 0 and no KL is needed.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  ref_params: Any
+
+
+# ----------------------------------------------------------------------------
+# Pure pieces: sequence layout, log-probs, the loss and the update.
+
+def completion_layout(prompts_BxP: np.ndarray, prompt_lengths_B: np.ndarray,
+                      tokens_BxN: np.ndarray, mask_BxN: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """[left-padded prompt; completion] as (tokens, positions, valid), each [B, L]."""
+  B, Pn = prompts_BxP.shape
+  L = Pn + tokens_BxN.shape[1]
+  pad_Bx1 = (Pn - np.asarray(prompt_lengths_B))[:, None]
+  slots_1xL = np.arange(L)[None]
+  tokens_BxL = np.concatenate([prompts_BxP, tokens_BxN], axis=1).astype(np.int32)
+  positions_BxL = np.maximum(slots_1xL - pad_Bx1, 0).astype(np.int32)
+  valid_BxL = np.concatenate([slots_1xL[:, :Pn] >= pad_Bx1, np.asarray(mask_BxN, bool)], axis=1)
+  return tokens_BxL, positions_BxL, valid_BxL
+
+
+def training_arrays(batch: Mapping[str, np.ndarray], advantages_B: np.ndarray, *,
+                    mask_truncated: bool) -> dict[str, np.ndarray]:
+  """The update's inputs from a scored rollout: layout, loss mask, advantages.
+
+  The loss mask is the rollout's (tokens up to and including EOS); with
+  `mask_truncated` a completion that never emitted EOS is dropped whole (DAPO's
+  overlong filtering), though it still runs through the model.
+  """
+  loss_mask_BxN = np.asarray(batch["mask"], bool).copy()
+  if mask_truncated:
+    loss_mask_BxN &= np.asarray(batch["finished"], bool)[:, None]
+  tokens_BxL, positions_BxL, valid_BxL = completion_layout(
+      batch["prompts"], batch["prompt_lengths"], batch["tokens"], batch["mask"])
+  return dict(tokens=tokens_BxL, positions=positions_BxL, valid=valid_BxL, mask=loss_mask_BxN,
+              advantages=np.asarray(advantages_B, np.float32))
+
+
+def sequence_logprobs(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+                      valid_BxL: jax.Array, *, completion_len: int
+                      ) -> tuple[jax.Array, jax.Array, dict]:
+  """Teacher-forced log-probs of the last `completion_len` tokens, at temperature 1.
+
+  Returns (logp [B, N], entropy of the policy at each of those steps [B, N],
+  the model's aux outputs). Logits at slot P−1+j predict completion token j.
+  """
+  L = tokens_BxL.shape[1]
+  N = completion_len
+  # RL trains no MTP head: build the model without it (its params are ignored).
+  model = Transformer(cfg.replace(mtp_depth=0))
+  logits_BxLxV, aux = model.apply({"params": params}, tokens_BxL, positions_BxL, valid_BxL,
+                                  return_aux=True)
+  logp_BxNxV = jax.nn.log_softmax(logits_BxLxV[:, L - N - 1:L - 1].astype(jnp.float32), axis=-1)
+  logp_BxN = jnp.take_along_axis(logp_BxNxV, tokens_BxL[:, L - N:, None], axis=-1)[..., 0]
+  entropy_BxN = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
+  return logp_BxN, entropy_BxN, aux
+
+
+def make_loss_fn(cfg: ModelConfig, **loss_options) -> Callable:
+  """loss_fn(params, batch, rng) -> (loss, metrics) over one minibatch.
+
+  batch: tokens/positions/valid [b, L]; mask, old_logp [b, N]; advantages [b];
+  optional ref_logp and tis_weights [b, N]. Adds the V3 sequence-wise balance
+  loss (α = cfg.seq_aux_loss_alpha); MTP's loss is not used in RL.
+  """
+
+  def loss_fn(params, batch: dict, rng: jax.Array):
+    del rng  # nothing stochastic in the forward pass; kept for the common signature
+    N = batch["mask"].shape[1]
+    logp_bxN, entropy_bxN, aux = sequence_logprobs(
+        cfg, params, batch["tokens"], batch["positions"], batch["valid"], completion_len=N)
+    loss, metrics = grpo.grpo_loss(
+        logp_bxN, batch["old_logp"], batch["ref_logp"] if "ref_logp" in batch else None,
+        batch["advantages"], batch["mask"], entropy_BxT=entropy_bxN,
+        tis_weights_BxT=batch["tis_weights"] if "tis_weights" in batch else None,
+        **loss_options)
+    if "balance" in aux:
+      balance = jnp.sum(aux["balance"])
+      loss = loss + cfg.seq_aux_loss_alpha * balance
+      metrics["balance_loss"] = balance
+      metrics["expert_load"] = aux["expert_load"]
+    return loss, metrics
+
+  return loss_fn
+
+
+def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
+                    loss_fn: Callable) -> Callable:
+  """train_step(state, batch, rng) -> (state, metrics); jit it with donated state."""
+
+  def train_step(state: RLState, batch: dict, rng: jax.Array):
+    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if "expert_load" in metrics:
+      params = apply_bias_update(params, metrics["expert_load"], cfg.bias_update_rate)
+      metrics["max_vio"] = max_violation(metrics.pop("expert_load"))
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    return state.replace(params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_logprob_fn(cfg: ModelConfig) -> Callable:
+  """logprob_fn(params, ref_params, batch) -> (old_logp [b, N], ref_logp [b, N] or None)."""
+
+  def logprob_fn(params, ref_params, batch: dict):
+    N = batch["mask"].shape[1]
+    args = (batch["tokens"], batch["positions"], batch["valid"])
+    old = sequence_logprobs(cfg, params, *args, completion_len=N)[0]
+    ref = None if ref_params is None else sequence_logprobs(cfg, ref_params, *args,
+                                                            completion_len=N)[0]
+    return old, ref
+
+  return logprob_fn
+
+
+# Jitted programs are shared by every GRPOStep built with the same model, loss and
+# optimizer (tests, notebooks, pipeline stages), so each compiles once.
+
+@functools.lru_cache(maxsize=8)
+def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig):
+  """(optimizer, logprob_fn, copy)."""
+  optimizer = optim.make_optimizer(ocfg)
+  logprob_fn = jax.jit(make_logprob_fn(cfg))
+  # A real copy: params and ref_params must not share buffers when the state is donated.
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+  return optimizer, logprob_fn, copy
+
+
+@functools.lru_cache(maxsize=8)
+def _train_step(cfg: ModelConfig, loss_options: tuple, ocfg: optim.OptimConfig,
+                state_treedef, state_shardings: tuple):
+  """The jitted update, its state pinned to the shardings it came in with (left to
+  itself, XLA may hand back replicated parameters)."""
+  optimizer = _programs(cfg, ocfg)[0]
+  step = make_train_step(cfg, optimizer, make_loss_fn(cfg, **dict(loss_options)))
+  out = (jax.tree.unflatten(state_treedef, state_shardings), None)  # None: metrics unpinned
+  return jax.jit(step, donate_argnums=0, out_shardings=out)
+
+
+# ----------------------------------------------------------------------------
+# Host-side helpers.
+
+def reward_from_fn(fn: Callable[[str, Mapping[str, Any]], float], name: str = "reward"
+                   ) -> RewardFn:
+  """Wraps a per-completion `fn(completion, example) -> float` as a RewardFn, in process."""
+
+  def reward_fn(completions, examples):
+    r = np.array([float(fn(c, e)) for c, e in zip(completions, examples)], np.float64)
+    return r, {name: r}, {}
+
+  return reward_fn
+
+
+def tied_groups(rewards_B: np.ndarray, group_size: int) -> np.ndarray:
+  """[Q] True where every completion of the prompt got the same reward (DAPO drops these)."""
+  r_QxG = np.asarray(rewards_B).reshape(-1, group_size)
+  return r_QxG.max(-1) == r_QxG.min(-1)
+
+
+def _mean_metrics(ms: list[dict]) -> dict[str, float]:
+  out = {}
+  for k in ms[0]:
+    v = np.array([float(m[k]) for m in ms])
+    out[k] = v.min() if k == "ratio_min" else v.max() if k == "ratio_max" else v.mean()
+  return {k: float(v) for k, v in out.items()}
+
+
+class GRPOStep:
+  """One GRPO iteration per call: `state, metrics = grpo_step(state, examples, rng)`.
+
+  examples: an iterator of dicts with "prompt_ids" (token ids) or "prompt"
+  (text, needs `encode`), plus whatever the rewards read ("answer", ...).
+  `decode` turns a completion's ids (EOS excluded) into the text the rewards
+  score. With `mesh`, params live sharded by their logical axes and every
+  batch is split over the data-parallel axes.
+  """
+
+  def __init__(self, cfg: ModelConfig, gcfg: GRPOConfig, ocfg: optim.OptimConfig,
+               reward_fn: RewardFn, *, decode: Callable[[list[int]], str], eos_id: int | None,
+               pad_id: int, encode: Callable[[str], list[int]] | None = None,
+               mesh: Mesh | None = None):
+    if gcfg.max_prompt_len + gcfg.max_new_tokens > cfg.max_seq_len:
+      raise ValueError(f"max_prompt_len + max_new_tokens = {gcfg.max_prompt_len} + "
+                       f"{gcfg.max_new_tokens} exceeds the model's max_seq_len={cfg.max_seq_len}")
+    if gcfg.mask_truncated and eos_id is None:
+      raise ValueError("mask_truncated needs an eos_id: without one every completion is "
+                       "truncated and nothing would be trained")
+    if mesh is not None:
+      n_dp = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH]))
+      if gcfg.minibatch_size % n_dp:
+        raise ValueError(f"the minibatch of {gcfg.minibatch_size} completions is not divisible "
+                         f"by the {n_dp} data-parallel devices of mesh {dict(mesh.shape)}; "
+                         "change prompts_per_step, group_size or n_minibatches")
+    self.cfg, self.gcfg, self.ocfg = cfg, gcfg, ocfg
+    self.reward_fn, self.decode, self.encode = reward_fn, decode, encode
+    self.eos_id, self.pad_id, self.mesh = eos_id, pad_id, mesh
+    self.optimizer, self._logprob_fn, self._copy = _programs(cfg, ocfg)
+    self._lr = optim.schedule(ocfg)
+
+  # -- state
+
+  def init_state(self, params) -> RLState:
+    """Fresh optimizer state; the reference is a copy of `params` (none when β = 0).
+
+    `params` are copied (and placed on the mesh), so the caller's stay valid
+    after the donated updates. Every leaf is committed to its device(s): the
+    compiled update then sees the same placement at every step.
+    """
+    if self.mesh is not None:
+      params = jax.device_put(params, mesh_lib.logical_sharding(self.mesh, logical_axes(self.cfg)))
+    params = self._copy_params(params)
+    # Eager init: optax's zeros_like keeps each parameter's sharding.
+    opt_state = self.optimizer.init(params)
+    ref = self._copy_params(params) if self.gcfg.beta > 0 else None
+    state = RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                    ref_params=ref)
+    return jax.device_put(state, jax.tree.map(self._placement, state))
+
+  def _placement(self, x: jax.Array) -> jax.sharding.Sharding:
+    """Where a state leaf lives: where it is, or replicated over the mesh (scalars)."""
+    if self.mesh is None or getattr(x.sharding, "mesh", None) == self.mesh:
+      return x.sharding
+    return mesh_lib.replicated(self.mesh)
+
+  def _copy_params(self, params):
+    return jax.device_put(self._copy(params), jax.tree.map(lambda x: x.sharding, params))
+
+  def _train_step(self, state: RLState, batch: dict, rng: jax.Array):
+    leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, state))
+    step = _train_step(self.cfg, self.gcfg.loss_options(), self.ocfg, treedef, tuple(leaves))
+    return step(state, batch, rng)
+
+  def _put(self, batch: dict) -> dict:
+    if self.mesh is None:
+      return {k: jnp.asarray(v) for k, v in batch.items()}
+    return {k: jax.device_put(v, mesh_lib.batch_sharding(self.mesh, v.ndim))
+            for k, v in batch.items()}
+
+  # -- rollout
+
+  def _prompt_ids(self, example: Mapping[str, Any]) -> list[int]:
+    if "prompt_ids" in example:
+      ids = [int(t) for t in example["prompt_ids"]]
+    elif "prompt" in example:
+      if self.encode is None:
+        raise ValueError("an example has a text 'prompt' but GRPOStep got no `encode`; "
+                         "pass encode= or give examples 'prompt_ids'")
+      ids = list(self.encode(example["prompt"]))
+    else:
+      raise ValueError(f"an example needs 'prompt_ids' or 'prompt'; got keys {sorted(example)}")
+    if not 1 <= len(ids) <= self.gcfg.max_prompt_len:
+      raise ValueError(f"a prompt has {len(ids)} tokens; it must have 1..max_prompt_len="
+                       f"{self.gcfg.max_prompt_len} (raise max_prompt_len or filter prompts)")
+    return ids
+
+  def _rollout_round(self, params, examples: Iterator[Mapping], rng: jax.Array) -> dict:
+    """Samples G completions for Q fresh prompts and scores them; host numpy arrays."""
+    g = self.gcfg
+    G, Pn = g.group_size, g.max_prompt_len
+    try:
+      exs = [next(examples) for _ in range(g.prompts_per_step)]
+    except StopIteration:
+      raise ValueError("the examples iterator ran out; pass an endless one "
+                       "(e.g. itertools.cycle) or fewer steps") from None
+    prompts_QxP = np.full((len(exs), Pn), self.pad_id, np.int32)
+    lengths_Q = np.zeros(len(exs), np.int32)
+    for q, ex in enumerate(exs):
+      ids = self._prompt_ids(ex)
+      prompts_QxP[q, Pn - len(ids):] = ids
+      lengths_Q[q] = len(ids)
+    prompts_BxP, lengths_B = np.repeat(prompts_QxP, G, 0), np.repeat(lengths_Q, G)
+    t0 = time.perf_counter()
+    ro = sample(self.cfg, params, prompts_BxP, lengths_B, max_new_tokens=g.max_new_tokens,
+                rng=rng, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
+    ro = jax.device_get(ro)
+    t1 = time.perf_counter()
+    examples_B = [ex for ex in exs for _ in range(G)]
+    texts = [self.decode([int(t) for t in ro.tokens[i, :ro.lengths[i] - int(ro.finished[i])]])
+             for i in range(len(examples_B))]
+    rewards_B, per_reward, reward_metrics = self.reward_fn(texts, examples_B)
+    t2 = time.perf_counter()
+    return dict(prompts=prompts_BxP, prompt_lengths=lengths_B, tokens=np.asarray(ro.tokens),
+                mask=np.asarray(ro.mask), finished=np.asarray(ro.finished),
+                lengths=np.asarray(ro.lengths), sampler_logp=np.asarray(ro.model_logprobs),
+                rewards=np.asarray(rewards_B, np.float64),
+                per_reward={k: np.asarray(v, np.float64) for k, v in per_reward.items()},
+                reward_metrics=dict(reward_metrics), rollout_s=t1 - t0, reward_s=t2 - t1)
+
+  def _collect(self, params, examples: Iterator[Mapping], rng: jax.Array
+               ) -> tuple[dict, list[dict], dict[str, float]]:
+    """Rollout rounds until the batch is full: one, or with dynamic sampling up to
+    1 + max_retries, keeping only groups whose rewards differ."""
+    g = self.gcfg
+    G, Q = g.group_size, g.prompts_per_step
+    rounds, kept, spare = [], [], []  # kept/spare: (round index, group index)
+    while True:
+      r = self._rollout_round(params, examples, jax.random.fold_in(rng, len(rounds)))
+      rounds.append(r)
+      tied_Q = tied_groups(r["rewards"], G)
+      for q in range(Q):
+        (spare if g.dynamic_sampling and tied_Q[q] else kept).append((len(rounds) - 1, q))
+      if len(kept) >= Q or not g.dynamic_sampling or len(rounds) > g.max_retries:
+        break
+    # Past the retry cap the batch is topped up with tied groups (advantage 0)
+    # so its shape, and the compiled step, stay the same.
+    chosen = (kept + spare)[:Q]
+    rows = lambda key: np.concatenate(
+        [rounds[i][key][q * G:(q + 1) * G] for i, q in chosen], axis=0)
+    batch = {k: rows(k) for k in ("prompts", "prompt_lengths", "tokens", "mask", "finished",
+                                  "sampler_logp", "rewards")}
+    stats = {"dynamic/rounds": float(len(rounds)),
+             "dynamic/informative_groups": float(np.sum(~tied_groups(batch["rewards"], G))),
+             "zero_adv_group_frac/sampled": float(np.mean(np.concatenate(
+                 [tied_groups(r["rewards"], G) for r in rounds])))}
+    return batch, rounds, stats
+
+  # -- the iteration
+
+  def __call__(self, state: RLState, examples: Iterator[Mapping], rng: jax.Array
+               ) -> tuple[RLState, dict[str, float]]:
+    g = self.gcfg
+    step = int(state.step)
+    rng = jax.random.fold_in(rng, step)
+    rollout_rng, shuffle_rng, update_rng = jax.random.split(rng, 3)
+
+    # Rollout and rewards.
+    batch, rounds, metrics = self._collect(state.params, examples, rollout_rng)
+    metrics.update(self._rollout_metrics(rounds))
+
+    # Advantages and the loss mask.
+    t0 = time.perf_counter()
+    adv_B = np.asarray(grpo.group_advantages(batch["rewards"], g.group_size,
+                                             scale=g.advantage_scale, eps=g.advantage_eps))
+    data = training_arrays(batch, adv_B, mask_truncated=g.mask_truncated)
+    metrics["zero_adv_group_frac"] = float(grpo.zero_advantage_fraction(adv_B, g.group_size))
+
+    # π_old (the trainer's recomputation) and π_ref, minibatch by minibatch.
+    b = g.minibatch_size
+    olds, refs = [], []
+    for k in range(g.n_minibatches):
+      chunk = self._put({key: data[key][k * b:(k + 1) * b]
+                         for key in ("tokens", "positions", "valid", "mask")})
+      old, ref = self._logprob_fn(state.params, state.ref_params, chunk)
+      olds.append(old)
+      refs.append(ref)
+    data["old_logp"] = np.concatenate(jax.device_get(olds)).astype(np.float32)
+    if state.ref_params is not None:
+      data["ref_logp"] = np.concatenate(jax.device_get(refs)).astype(np.float32)
+    t1 = time.perf_counter()
+    metrics.update(self._mismatch(data["old_logp"], batch["sampler_logp"], batch["mask"]))
+    if g.tis_cap > 0:
+      log_w_BxN = np.where(batch["mask"], data["old_logp"] - batch["sampler_logp"], 0.0)
+      w_BxN = np.minimum(np.exp(log_w_BxN), g.tis_cap)
+      data["tis_weights"] = w_BxN.astype(np.float32)
+      metrics["tis/capped_frac"] = float(np.sum((w_BxN >= g.tis_cap) & batch["mask"])
+                                         / max(batch["mask"].sum(), 1))
+
+    # μ passes over shuffled minibatches.
+    step_metrics = []
+    for it in range(g.num_iterations):
+      perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_rng, it), g.batch_size))
+      for k in range(g.n_minibatches):
+        idx = perm[k * b:(k + 1) * b]
+        mb = self._put({key: v[idx] for key, v in data.items()})
+        state, m = self._train_step(state, mb, jax.random.fold_in(update_rng,
+                                                                   it * g.n_minibatches + k))
+        step_metrics.append(m)
+    step_metrics = jax.device_get(step_metrics)
+    t2 = time.perf_counter()
+    metrics.update(_mean_metrics(step_metrics))
+
+    # Reference reset (R1: every 400 updates), counted in updates like the paper.
+    updates_before = step * g.updates_per_step
+    updates_after = updates_before + g.updates_per_step
+    state = state.replace(step=jax.device_put(state.step + 1, state.step.sharding))
+    if (g.ref_reset_every and state.ref_params is not None
+        and updates_after // g.ref_reset_every > updates_before // g.ref_reset_every):
+      state = state.replace(ref_params=self._copy_params(state.params))
+      metrics["ref_reset"] = 1.0
+
+    n_train_tokens = float(data["valid"].sum()) * g.num_iterations
+    metrics.update({
+        "time/logprob_s": t1 - t0, "time/train_s": t2 - t1,
+        "train_tokens_per_s": n_train_tokens / max(t2 - t1, 1e-9),
+        "lr": float(self._lr(updates_after - 1)), "step": float(step + 1)})
+    return state, metrics
+
+  def _rollout_metrics(self, rounds: list[dict]) -> dict[str, float]:
+    """Reward and length statistics over every completion sampled this step."""
+    cat = lambda key: np.concatenate([r[key] for r in rounds])
+    rewards, lengths, finished = cat("rewards"), cat("lengths"), cat("finished")
+    rollout_s = sum(r["rollout_s"] for r in rounds)
+    m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
+         "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
+         "truncation_rate": float(1.0 - finished.mean()),
+         "time/rollout_s": rollout_s, "time/reward_s": sum(r["reward_s"] for r in rounds),
+         "rollout_tokens_per_s": float(lengths.sum()) / max(rollout_s, 1e-9)}
+    for name in rounds[0]["per_reward"]:
+      v = np.concatenate([r["per_reward"][name] for r in rounds])
+      m[f"reward/{name}/mean"], m[f"reward/{name}/std"] = float(v.mean()), float(v.std())
+    if "accuracy" in rounds[0]["per_reward"]:
+      m["accuracy"] = m["reward/accuracy/mean"]
+    for r in rounds:  # the evaluator's own counters (timeouts, errors), summed over rounds
+      for k, v in r["reward_metrics"].items():
+        if not k.endswith("/mean"):
+          m[k] = m.get(k, 0.0) + float(v)
+    return m
+
+  @staticmethod
+  def _mismatch(old_BxN: np.ndarray, sampler_BxN: np.ndarray, mask_BxN: np.ndarray
+                ) -> dict[str, float]:
+    """|trainer − sampler| log-prob of the same tokens under the same params."""
+    d = np.abs(old_BxN - sampler_BxN)[mask_BxN]
+    return {"logp_mismatch/mean": float(d.mean()) if d.size else 0.0,
+            "logp_mismatch/max": float(d.max()) if d.size else 0.0}
