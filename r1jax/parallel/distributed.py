@@ -1,0 +1,45 @@
+"""Multi-process start-up through JAX's own runtime (`jax.distributed`).
+
+Three ways a process learns it is one of many:
+  - launch/local.py sets R1JAX_COORDINATOR, R1JAX_NUM_PROCESSES, R1JAX_PROCESS_ID
+    (several CPU processes on one machine; collectives over gloo);
+  - launch/tpu_pod.py and launch/slurm.sbatch set R1JAX_DISTRIBUTED=auto and
+    `jax.distributed.initialize()` detects the TPU pod or SLURM job itself;
+  - neither: a single process, nothing to do.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+ENV_COORDINATOR = "R1JAX_COORDINATOR"
+ENV_NUM_PROCESSES = "R1JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "R1JAX_PROCESS_ID"
+ENV_AUTO = "R1JAX_DISTRIBUTED"
+
+_initialized = False
+
+
+def maybe_initialize() -> bool:
+  """Initialises jax.distributed when the environment asks; returns whether it did."""
+  global _initialized
+  if _initialized:
+    return True
+  if os.environ.get(ENV_NUM_PROCESSES):
+    missing = [k for k in (ENV_COORDINATOR, ENV_PROCESS_ID) if not os.environ.get(k)]
+    if missing:
+      raise RuntimeError(f"{ENV_NUM_PROCESSES} is set but {missing} are not; start processes "
+                         "with launch/local.py")
+    if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu"):
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=os.environ[ENV_COORDINATOR],
+        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
+        process_id=int(os.environ[ENV_PROCESS_ID]))
+    _initialized = True
+  elif os.environ.get(ENV_AUTO) == "auto":
+    jax.distributed.initialize()
+    _initialized = True
+  return _initialized
