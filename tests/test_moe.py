@@ -1,4 +1,5 @@
-"""DeepSeekMoE: routing by hand, dropless dispatch against the dense reference."""
+"""DeepSeekMoE: routing by hand, dropless dispatch against the dense reference,
+the blocked grouped matmul against ragged_dot."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +7,8 @@ import numpy as np
 import pytest
 
 from r1jax.model import ModelConfig
-from r1jax.model.moe import (dense_reference, dropless_dispatch, expert_load, route,
-                             sequence_balance_loss, update_router_bias)
+from r1jax.model.moe import (block_layout, dense_reference, dropless_dispatch, expert_load,
+                             grouped_swiglu, route, sequence_balance_loss, update_router_bias)
 
 CFG = ModelConfig.tiny(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
                        n_activated_experts=2, route_scale=2.5)
@@ -114,3 +115,40 @@ def test_dropless_gradients_equal_dense_reference(dispatch_case):
       x, experts, w)
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
+def test_block_layout_round_trips_every_row():
+  # Empty groups, a group that is an exact block multiple, and 3 rows in no group.
+  sizes = jnp.array([0, 5, 4, 0, 1], jnp.int32)
+  M, b = 13, 4
+  src, valid, dst, row_ok, group = block_layout(sizes, M, b)
+  assert src.shape[0] == (M + 5 * (b - 1)) // b * b  # the static dropless bound
+  np.testing.assert_array_equal(row_ok, np.arange(M) < 10)
+  np.testing.assert_array_equal(src[dst[:10]], np.arange(10))  # padded slot of row m reads row m
+  assert valid[dst[:10]].all() and int(valid.sum()) == 10
+  ends = np.cumsum(sizes)
+  for q, g in enumerate(np.asarray(group)):  # every valid slot of a block is its group's row
+    rows = np.asarray(src[q * b:(q + 1) * b])[np.asarray(valid[q * b:(q + 1) * b])]
+    assert all(ends[g] - sizes[g] <= r < ends[g] for r in rows)
+
+
+@pytest.mark.parametrize("max_block", [1, 4, 128])
+def test_blocked_grouped_matmul_equals_ragged_dot(dispatch_case, max_block):
+  x, experts, idx, w = dispatch_case
+  cot = jax.random.normal(jax.random.key(9), x.shape)
+  sizes = jnp.array([3, 0, 9, 2, 0, 0, 5, 1])  # 4 trailing rows in no group
+
+  def run(impl):
+    swiglu = lambda e, xs, s: grouped_swiglu(e, xs, s, impl, max_block)
+    loss = lambda x, e, w: jnp.sum(dropless_dispatch(
+        lambda xs, s: swiglu(e, xs, s), x, idx, w, 8) * cot)
+    return jax.jit(lambda x, e, w: (jax.value_and_grad(loss, argnums=(0, 1, 2))(x, e, w),
+                                    swiglu(e, x, sizes)))(x, experts, w)
+
+  (v_b, g_b), y_b = run("blocked")
+  (v_r, g_r), y_r = run("ragged_dot")
+  np.testing.assert_allclose(v_b, v_r, rtol=1e-5)
+  np.testing.assert_allclose(y_b[:20], y_r[:20], atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(y_b[20:], 0)
+  for g, r in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_r)):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)

@@ -52,6 +52,17 @@ class ModelConfig:
   # Balancing (V3 report §2.1.2): bias step γ and the sequence-wise loss α.
   bias_update_rate: float = 0.001
   seq_aux_loss_alpha: float = 0.0001
+  # MoE execution (results do not depend on these). Grouped matmul: "ragged_dot"
+  # (GPU/TPU), "blocked" (XLA:CPU, rows padded to blocks of ≤ gmm_block_size),
+  # "auto" by backend. Expert parallelism runs when an ambient mesh
+  # (`jax.set_mesh`) has an expert axis > 1; ep_exchange: "all_to_all" (fixed
+  # capacity, any backend), "ragged_all_to_all" (GPU/TPU), "auto" by backend;
+  # ep_capacity_factor 0 = worst-case buffers, > 0 = balanced-load buffers with
+  # a dropless worst-case fallback (see r1jax/parallel/expert_parallel.py).
+  grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"
+  gmm_block_size: int = 128
+  ep_exchange: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
+  ep_capacity_factor: float = 0.0
   # Numerics and compilation.
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
@@ -77,6 +88,16 @@ class ModelConfig:
       problems.append("qk_rope_head_dim must be even")
     if self.score_func not in ("sigmoid", "softmax"):
       problems.append(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
+    if self.grouped_matmul not in ("auto", "ragged_dot", "blocked"):
+      problems.append(f"grouped_matmul must be 'auto', 'ragged_dot' or 'blocked', "
+                      f"got {self.grouped_matmul!r}")
+    if self.gmm_block_size < 1:
+      problems.append("gmm_block_size must be >= 1")
+    if self.ep_exchange not in ("auto", "all_to_all", "ragged_all_to_all"):
+      problems.append(f"ep_exchange must be 'auto', 'all_to_all' or 'ragged_all_to_all', "
+                      f"got {self.ep_exchange!r}")
+    if self.ep_capacity_factor < 0:
+      problems.append("ep_capacity_factor must be >= 0 (0: worst-case buffers)")
     if self.mtp_depth < 0:
       problems.append("mtp_depth must be >= 0")
     if problems:

@@ -9,15 +9,21 @@ experts, normalised to sum 1, times route_scale. The bias is never trained by
 gradient: after each step b_i += γ·sign(mean_load − load_i).
 
 Dispatch is dropless: the N·K (token, expert) assignments are sorted by expert
-and each expert's contiguous run goes through a grouped matmul
-(`jax.lax.ragged_dot`). `dense_reference` computes every expert for every token
-and exists for tests only.
+and each expert's contiguous run goes through a grouped matmul, either
+`jax.lax.ragged_dot` (GPU/TPU) or a blocked form for XLA:CPU (each expert's run
+padded to whole blocks, one batched einsum); `cfg.grouped_matmul` picks, "auto"
+by backend. Under an ambient mesh (`jax.set_mesh`) whose `expert` axis is > 1
+the routed experts run expert-parallel (r1jax/parallel/expert_parallel.py).
+`dense_reference` computes every expert for every token, for tests only.
 
 Glossary: N tokens, D d_model, E routed experts, K experts per token,
-G expert groups, F expert hidden size, B batch, T sequence.
+G expert groups (routing) or groups of rows (grouped matmul), F expert hidden
+size, B batch, T sequence, M sorted rows, P padded rows, Q blocks, b block rows.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -25,6 +31,7 @@ import jax.numpy as jnp
 
 from r1jax.model.config import ModelConfig
 from r1jax.model.layers import MLP, dtypes, fan_in_init
+from r1jax.parallel import expert_parallel
 
 
 def route(logits_NxE: jnp.ndarray, bias_E: jnp.ndarray, cfg: ModelConfig):
@@ -94,17 +101,106 @@ class Experts(nn.Module):
     self.wi_up = self.param("wi_up", part(init, ("exp", "embed", "exp_mlp")), (E, D, F), pdt)
     self.wo = self.param("wo", part(init, ("exp", "exp_mlp", "embed")), (E, F, D), pdt)
 
-  def weights(self):
+  def weights(self) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+    """(wi_gate [E,D,F], wi_up [E,D,F], wo [E,F,D]) in the compute dtype."""
     dt = jnp.dtype(self.cfg.dtype)
     return self.wi_gate.astype(dt), self.wi_up.astype(dt), self.wo.astype(dt)
 
-  def __call__(self, x_sorted_MxD, group_sizes_E):
-    """Grouped SwiGLU over rows already sorted by expert (group_sizes rows each)."""
-    wi_gate, wi_up, wo = self.weights()
-    x = x_sorted_MxD.astype(wi_gate.dtype)
-    gate_MxF = jax.lax.ragged_dot(x, wi_gate, group_sizes_E)
-    up_MxF = jax.lax.ragged_dot(x, wi_up, group_sizes_E)
-    return jax.lax.ragged_dot(nn.silu(gate_MxF) * up_MxF, wo, group_sizes_E)
+
+# ----------------------------------------------------------------------------
+# Grouped matmul: rows sorted by expert, group_sizes rows per expert. Rows past
+# sum(group_sizes) belong to no expert and come out as zeros.
+
+def grouped_matmul_impl(cfg: ModelConfig) -> str:
+  """"ragged_dot" or "blocked"; "auto" picks by the default backend.
+
+  XLA:CPU lowers ragged_dot to about one full [M,D]x[D,F] matmul per group (as
+  if every row went to every expert), so CPU gets the blocked form.
+  """
+  if cfg.grouped_matmul != "auto":
+    return cfg.grouped_matmul
+  return "blocked" if jax.default_backend() == "cpu" else "ragged_dot"
+
+
+def block_rows(n_rows: int, n_groups: int, max_block: int) -> int:
+  """Rows per block: the power of two (≥ 8) nearest above the mean group size,
+  capped at max_block, so padding (< n_groups·block rows) stays about n_rows."""
+  mean = -(-n_rows // max(n_groups, 1))
+  block = 8
+  while block < mean and block < max_block:
+    block *= 2
+  return max(min(block, max_block), 1)
+
+
+def block_layout(group_sizes_G: jnp.ndarray, n_rows: int, block: int):
+  """Index maps between the sorted rows and a layout padding each group to whole blocks.
+
+  The padded length is static: Σ_g ceil(m_g/b)·b ≤ M + G·(b−1), so no row is
+  ever dropped. Returns (src_P row read by padded slot p, valid_P, dst_M padded
+  slot of sorted row m, row_ok_M (row m is in some group), group_Q of block q).
+  """
+  G = group_sizes_G.shape[0]
+  n_blocks = max((n_rows + G * (block - 1)) // block, 1)
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  ends_G = jnp.cumsum(sizes_G)
+  starts_G = ends_G - sizes_G
+  padded_G = (sizes_G + block - 1) // block * block
+  pad_ends_G = jnp.cumsum(padded_G)
+  pad_starts_G = pad_ends_G - padded_G
+  # Block q holds the first group whose padded run ends past q·b; trailing
+  # unused blocks fall on the last group and are all invalid slots.
+  q_Q = jnp.arange(n_blocks, dtype=jnp.int32) * block
+  group_Q = jnp.minimum(jnp.searchsorted(pad_ends_G, q_Q, side="right"), G - 1)
+  group_P = jnp.repeat(group_Q, block, total_repeat_length=n_blocks * block)
+  off_P = jnp.arange(n_blocks * block, dtype=jnp.int32) - pad_starts_G[group_P]
+  valid_P = (off_P >= 0) & (off_P < sizes_G[group_P])
+  src_P = jnp.where(valid_P, starts_G[group_P] + off_P, 0)
+  m_M = jnp.arange(n_rows, dtype=jnp.int32)
+  group_M = jnp.searchsorted(ends_G, m_M, side="right")
+  row_ok_M = group_M < G
+  group_M = jnp.minimum(group_M, G - 1)
+  dst_M = jnp.where(row_ok_M, pad_starts_G[group_M] + m_M - starts_G[group_M], 0)
+  return src_P, valid_P, dst_M, row_ok_M, group_Q
+
+
+def blocked_swiglu(w: tuple, x_sorted_MxD, group_sizes_G, max_block: int):
+  """Grouped SwiGLU as one batched einsum over blocks, each block one expert's rows.
+
+  Work is (M + G·(b−1))·D·F per matmul instead of ragged_dot's G·M·D·F on CPU.
+  """
+  wi_gate, wi_up, wo = w
+  M, D = x_sorted_MxD.shape
+  b = block_rows(M, wi_gate.shape[0], max_block)
+  src_P, valid_P, dst_M, row_ok_M, group_Q = block_layout(group_sizes_G, M, b)
+  x_QxbxD = jnp.where(valid_P[:, None], x_sorted_MxD[src_P], 0).reshape(-1, b, D)
+  gate_QxbxF = jnp.einsum("qbd,qdf->qbf", x_QxbxD, wi_gate[group_Q])
+  up_QxbxF = jnp.einsum("qbd,qdf->qbf", x_QxbxD, wi_up[group_Q])
+  y_QxbxD = jnp.einsum("qbf,qfd->qbd", nn.silu(gate_QxbxF) * up_QxbxF, wo[group_Q])
+  return jnp.where(row_ok_M[:, None], y_QxbxD.reshape(-1, D)[dst_M], 0)
+
+
+def ragged_swiglu(w: tuple, x_sorted_MxD, group_sizes_G):
+  wi_gate, wi_up, wo = w
+  gate_MxF = jax.lax.ragged_dot(x_sorted_MxD, wi_gate, group_sizes_G)
+  up_MxF = jax.lax.ragged_dot(x_sorted_MxD, wi_up, group_sizes_G)
+  return jax.lax.ragged_dot(nn.silu(gate_MxF) * up_MxF, wo, group_sizes_G)
+
+
+def grouped_swiglu(w: tuple, x_sorted_MxD, group_sizes_G, impl: str, max_block: int = 128):
+  """Σ over groups of SwiGLU_g(rows of group g); `impl` is "ragged_dot" or "blocked"."""
+  x = x_sorted_MxD.astype(w[0].dtype)
+  group_sizes_G = group_sizes_G.astype(jnp.int32)
+  if impl == "blocked":
+    return blocked_swiglu(w, x, group_sizes_G, max_block)
+  if impl == "ragged_dot":
+    return ragged_swiglu(w, x, group_sizes_G)
+  raise ValueError(f"grouped_matmul must be 'ragged_dot', 'blocked' or 'auto', got {impl!r}")
+
+
+def swiglu_fn(cfg: ModelConfig):
+  """grouped_swiglu with the config's grouped matmul: (w, x_sorted, group_sizes) -> y_sorted."""
+  return functools.partial(grouped_swiglu, impl=grouped_matmul_impl(cfg),
+                           max_block=cfg.gmm_block_size)
 
 
 def dropless_dispatch(experts_fn, x_NxD, idx_NxK, weights_NxK, n_experts: int):
@@ -132,7 +228,12 @@ def dense_reference(experts: tuple, x_NxD, idx_NxK, weights_NxK, n_experts: int)
 
 
 class MoE(nn.Module):
-  """Shared experts + routed experts. Returns (y, aux) with aux = {load [E], balance}."""
+  """Shared experts + routed experts. Returns (y, aux) with aux = {load [E], balance}.
+
+  `load` counts valid (token, expert) assignments from the router's choices over
+  the whole batch (GSPMD sums it across devices), the same with or without
+  expert parallelism; the bias update reads it.
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -143,9 +244,16 @@ class MoE(nn.Module):
     E = c.n_routed_experts
     router = Router(c, name="router")
     scores_NxE, idx_NxK, weights_NxK = router(x_BxTxD.reshape(B * T, D))
-    experts = Experts(c, name="experts")
+    w = Experts(c, name="experts").weights()
     x_NxD = x_BxTxD.reshape(B * T, D).astype(dt)
-    y_NxD = dropless_dispatch(experts, x_NxD, idx_NxK, weights_NxK, E)
+    mesh = expert_parallel.ambient_mesh()
+    if expert_parallel.expert_axis_size(mesh) > 1:
+      # Experts live on their own devices: move the tokens, not the weights.
+      y_NxD = expert_parallel.ep_dispatch(swiglu_fn(c), w, x_NxD, idx_NxK, weights_NxK, mesh,
+                                          exchange=c.ep_exchange,
+                                          capacity_factor=c.ep_capacity_factor)
+    else:
+      y_NxD = dropless_dispatch(functools.partial(swiglu_fn(c), w), x_NxD, idx_NxK, weights_NxK, E)
     y_BxTxD = y_NxD.reshape(B, T, D)
     if c.n_shared_experts:
       y_BxTxD = y_BxTxD + MLP(D, c.n_shared_experts * c.moe_d_ff, dtype=dt, param_dtype=pdt,

@@ -24,6 +24,7 @@ from r1jax.model.kv_cache import LatentCache
 from r1jax.model.layers import MLP, Linear, RMSNorm, dtypes
 from r1jax.model.mla import MLA
 from r1jax.model.moe import MoE
+from r1jax.parallel.mesh import shard_batch
 
 
 class Block(nn.Module):
@@ -56,6 +57,9 @@ class Block(nn.Module):
     Training form when `layer_cache` is None (valid: [B,T]); otherwise the
     latent-cache form (valid: [B,S]). Outputs (aux, updated layer cache).
     """
+    # The residual stream is split over data×fsdp×expert (the "batch" rule) under
+    # an ambient mesh, so no block's activations drift onto parameter shardings.
+    x_BxTxD = shard_batch(x_BxTxD)
     if layer_cache is None:
       x = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), pos_BxT, valid)
       x, aux = self._ffn(x, valid)
@@ -147,7 +151,7 @@ class Transformer(nn.Module):
       positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     if valid_BxT is None:
       valid_BxT = jnp.ones((B, T), bool)
-    x = self.embed(tokens_BxT)
+    x = shard_batch(self.embed(tokens_BxT))
     x, moe_aux, _ = self._stacks(x, positions_BxT, valid_BxT, None, None)
     h_BxTxD = self.final_norm(x)
     logits_BxTxV = self.head(h_BxTxD)
@@ -160,7 +164,7 @@ class Transformer(nn.Module):
         # Depth k at position i sees token i+k and predicts token i+k+1.
         shifted = jnp.concatenate([tokens_BxT[:, k:], jnp.zeros((B, k), tokens_BxT.dtype)], 1)
         ok = valid_BxT & (jnp.arange(T) < T - k)[None]
-        h, aux_k = module(h, self.embed(shifted), positions_BxT, ok)
+        h, aux_k = module(h, shard_batch(self.embed(shifted)), positions_BxT, ok)
         mtp_logits.append(self.head(h))
         if aux_k:
           mtp_balance.append(aux_k["balance"])
@@ -180,6 +184,6 @@ class Transformer(nn.Module):
     `valid_BxS` marks every filled slot including the new ones. Returns
     (logits [B,T,V] float32, updated cache). Prefill is this call with start=0.
     """
-    x = self.embed(tokens_BxT)
+    x = shard_batch(self.embed(tokens_BxT))
     x, _, layers = self._stacks(x, positions_BxT, valid_BxS, cache, start)
     return self.head(self.final_norm(x)), LatentCache(layers)

@@ -77,5 +77,17 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
+def shard_batch(x: jax.Array) -> jax.Array:
+  """Pins x's leading (batch or token) axis to the batch axes of the ambient mesh
+  (`jax.set_mesh`); a no-op without one or where the axis does not divide."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  axes = tuple(a for a in BATCH if a in mesh.axis_names)
+  if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+    return x
+  return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

@@ -1,6 +1,7 @@
 """Benchmarks that print one JSON line each.
 
   python -m r1jax.tools.bench rollout --config=tiny --batch=8 --prompt=32 --new=128
+  python -m r1jax.tools.bench moe --config=medium --tokens=2048 --top_k=4 --experts=8,16,32,64
 
 Commands live in `COMMANDS` (name -> flag declarer, runner); add one there.
 Times are measured after a warm-up call, so compilation is reported apart.
@@ -9,6 +10,7 @@ Times are measured after a warm-up call, so compilation is reported apart.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 from typing import Any, Callable
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.model import ModelConfig, cache_bytes_per_token, init_params, logical_axes, param_counts
+from r1jax.model.moe import MoE
 from r1jax.parallel.mesh import logical_sharding, make_mesh
 from r1jax.rl.rollout import sample
 
@@ -100,11 +103,59 @@ def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------
+# moe: one MoE layer's forward + backward as the expert count grows at fixed top-k
+
+def _moe_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--tokens", type=int, default=2048, help="tokens per step (batch 8 × tokens/8)")
+  p.add_argument("--top_k", type=int, default=4)
+  p.add_argument("--experts", default="8,16,32,64", help="routed expert counts to sweep")
+  p.add_argument("--impls", default="ragged_dot,blocked", help="grouped matmuls to compare")
+  p.add_argument("--block", type=int, default=128, help="gmm_block_size (upper bound)")
+  p.add_argument("--repeats", type=int, default=3)
+
+
+def _moe(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+  """d_model and moe_d_ff from --config; router groups fixed at 4 (2 kept)."""
+  B = 8
+  T = args.tokens // B
+  mesh = make_mesh(tuple(int(s) for s in args.mesh.split(","))) if args.mesh else None
+  rows = []
+  for E in (int(e) for e in args.experts.split(",")):
+    for impl in args.impls.split(","):
+      c = cfg.replace(n_routed_experts=E, n_activated_experts=args.top_k, n_expert_groups=4,
+                      n_limited_groups=2, grouped_matmul=impl, gmm_block_size=args.block)
+      x = jax.random.normal(jax.random.key(0), (B, T, c.d_model), jnp.dtype(c.dtype))
+      valid = jnp.ones((B, T), bool)
+      layer = MoE(c)
+      params = jax.jit(lambda k: layer.init(k, x, valid)["params"])(jax.random.key(1))
+
+      @jax.jit
+      def fwd_bwd(p, x):
+        return jax.grad(lambda p, x: jnp.sum(layer.apply({"params": p}, x, valid)[0]),
+                        argnums=(0, 1))(p, x)
+
+      with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        first, mean = _timed(lambda: fwd_bwd(params, x), args.repeats)
+      # Useful work: K experts per token, 3 matmuls, ×3 for forward + backward.
+      flops = 2 * 3 * 3 * args.tokens * args.top_k * c.d_model * c.moe_d_ff
+      rows.append({"experts": E, "impl": impl, "fwd_bwd_s": round(mean, 4),
+                   "compile_s": round(first - mean, 2),
+                   "routed_gflops_per_s": round(flops / mean / 1e9, 2)})
+  by = {(r["experts"], r["impl"]): r["fwd_bwd_s"] for r in rows}
+  speedup = {str(E): round(by[(E, "ragged_dot")] / by[(E, "blocked")], 2)
+             for (E, impl) in by if impl == "blocked" and (E, "ragged_dot") in by}
+  return {"tokens": args.tokens, "top_k": args.top_k, "d_model": cfg.d_model,
+          "moe_d_ff": cfg.moe_d_ff, "block": args.block, "results": rows,
+          "blocked_speedup": speedup}
+
+
+# ----------------------------------------------------------------------------
 # Command table and entry point.
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace, ModelConfig], dict]]] = {
     "rollout": (_rollout_flags, _rollout),
+    "moe": (_moe_flags, _moe),
 }
 
 
