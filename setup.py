@@ -21,6 +21,9 @@ setuptools.setup(
         "numpy>=1.26",
         "safetensors>=0.4",
         "math-verify>=0.7",
+        "matplotlib>=3.8",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
     ],
     extras_require={
         "dev": [

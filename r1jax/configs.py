@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+import numpy as np
 
 from r1jax.model import ModelConfig
 from r1jax.train.optim import OptimConfig
@@ -26,24 +27,154 @@ def _fields(dc) -> dict:
 
 
 def base() -> ml_collections.ConfigDict:
+  """Every top-level key an experiment may set. Stages are added with the
+  `*_stage` templates below, listed in `pipeline`, then the dict is locked."""
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.job = "sft"
   # model: a preset plus field overrides (any ModelConfig field).
   c.model_preset = "tiny"
   c.model = ml_collections.ConfigDict(_fields(ModelConfig.tiny()))
-  c.optim = ml_collections.ConfigDict(_fields(OptimConfig()))
   c.mesh = (-1, 1, 1, 1)  # (data, fsdp, expert, tensor); -1 takes the remaining devices
   # data: `task` names an entry of r1jax.data.tasks.TASKS, which reads its own options here
-  # (arithmetic: min/max_steps; countdown: min/max_numbers, max_value, max_target,
-  # max_misses; both: zh_fraction).
+  # (arithmetic: min/max_steps, max_operand, ops; countdown: min/max_numbers, max_value, max_target,
+  # max_misses; both: zh_fraction). The tokenizer is trained on the training split.
   c.data = ml_collections.ConfigDict(dict(
       task="arithmetic", n_train=4096, n_eval=256, min_steps=1, max_steps=3, zh_fraction=0.25,
+      max_operand=20, ops="+-*",
       min_numbers=3, max_numbers=4, max_value=50, max_target=100, max_misses=2,
-      template="r1_zero", seq_len=160, vocab_size=512, tokenizer_path=""))
-  c.train = ml_collections.ConfigDict(dict(
-      steps=60, batch_size=32, log_every=10, eval_every=0, checkpoint_every=50))
+      vocab_size=512, tokenizer_path="",
+      # task "math_jsonl": real {"question", "answer"} files instead of a generator.
+      train_path="", eval_path=""))
+  c.pipeline = ()
+  c.stages = ml_collections.ConfigDict()
   return c
+
+
+def _train_keys(**kw) -> dict:
+  keys = dict(steps=100, batch_size=32, seq_len=160, log_every=10, checkpoint_every=50,
+              optim=ml_collections.ConfigDict(_fields(OptimConfig())),
+              # Held-out accuracy after training (0 prompts = skip), sampled in eval_template.
+              eval_prompts=0, eval_samples=1, eval_temperature=0.6, eval_template="r1_zero",
+              eval_max_prompt_len=112, eval_max_new_tokens=64)
+  return _apply(keys, kw)
+
+
+def _apply(keys: dict, overrides: dict) -> dict:
+  unknown = set(overrides) - set(keys)
+  if unknown:
+    raise ValueError(f"unknown stage keys {sorted(unknown)}; declared: {sorted(keys)}")
+  for k, v in overrides.items():
+    if isinstance(keys[k], ml_collections.ConfigDict) and isinstance(v, dict):
+      bad = set(v) - set(keys[k].keys())
+      if bad:
+        raise ValueError(f"unknown {k} keys {sorted(bad)}")
+      keys[k].update(v)
+    else:
+      keys[k] = v
+  return keys
+
+
+def pretrain_stage(**kw) -> ml_collections.ConfigDict:
+  """LM training of the toy base model on problems with worked solutions (all tokens).
+
+  r1_zero_fraction of the documents are written in the R1-Zero template (a base
+  model has seen such formats); wrong_answer_rate of them end in a wrong answer.
+  """
+  keys = dict(kind="pretrain", init="", r1_zero_fraction=0.3, wrong_answer_rate=0.0)
+  keys.update(_train_keys())
+  return ml_collections.ConfigDict(_apply(keys, kw))
+
+
+def sft_stage(**kw) -> ml_collections.ConfigDict:
+  """SFT with the loss on the response only. data: "task" (worked solutions of the
+  training split in `template`) or "stage:<name>" (a rejection_sample dataset, plus
+  `extra_task_rows` worked solutions, standing in for R1's non-reasoning data)."""
+  keys = dict(kind="sft", init="", data="task", template="r1_zero", extra_task_rows=0)
+  keys.update(_train_keys())
+  return ml_collections.ConfigDict(_apply(keys, kw))
+
+
+def _sampling_keys() -> dict:
+  return dict(template="r1_zero", prompts=256, samples_per_prompt=4, keep_per_prompt=1,
+              temperature=1.0, top_p=1.0, max_prompt_len=112, max_new_tokens=64,
+              batch_rows=128, min_language=0.95, max_repetition=0.0)
+
+
+def rejection_sample_stage(**kw) -> ml_collections.ConfigDict:
+  """Samples k completions per training prompt and keeps correct, well-formed,
+  single-language, non-repetitive ones (R1 §2.3.3) as an SFT dataset."""
+  keys = dict(kind="rejection_sample", init="")
+  keys.update(_sampling_keys())
+  return ml_collections.ConfigDict(_apply(keys, kw))
+
+
+def distill_stage(**kw) -> ml_collections.ConfigDict:
+  """A teacher generates traces (kept as in rejection sampling); a fresh student
+  (its own ModelConfig in `student`) is trained on them by SFT (R1 §2.4)."""
+  keys = dict(kind="distill", teacher="", extra_task_rows=0,
+              student=ml_collections.ConfigDict(_fields(ModelConfig.tiny())))
+  keys.update(_sampling_keys())
+  keys.update(_train_keys())
+  return ml_collections.ConfigDict(_apply(keys, kw))
+
+
+def grpo_stage(**kw) -> ml_collections.ConfigDict:
+  """GRPO from `init` with weighted rule-based rewards; held-out accuracy is
+  measured before and after with `eval_*` sampling settings."""
+  from r1jax.rl.step import GRPOConfig  # the RL layer is only needed by RL stages
+  keys = dict(kind="grpo", init="", template="r1_zero",
+              rewards=(("accuracy", 1.0), ("format", 0.5)), reward_timeout_s=10.0,
+              reward_workers=2, grpo=ml_collections.ConfigDict(_fields(GRPOConfig())),
+              steps=50, log_every=1, checkpoint_every=10,
+              optim=ml_collections.ConfigDict(_fields(OptimConfig())),
+              eval_prompts=128, eval_samples=2, eval_temperature=0.6)
+  return ml_collections.ConfigDict(_apply(keys, kw))
+
+
+def mesh_devices(c: ml_collections.ConfigDict) -> int | None:
+  """The device count a mesh with no -1 entry asks for (pod configs); None otherwise."""
+  return None if -1 in tuple(c.mesh) else int(np.prod(tuple(c.mesh)))
+
+
+def n_data_parallel(c: ml_collections.ConfigDict, n_devices: int | None = None) -> int:
+  import jax  # noqa: PLC0415 - only the device count is needed
+
+  from r1jax.parallel import mesh as mesh_lib
+  shape = mesh_lib.mesh_shape(tuple(c.mesh), n_devices or jax.device_count())
+  return shape[0] * shape[1] * shape[2]
+
+
+def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None = None) -> None:
+  """Builds a stage's typed configs so their own checks run; raises ValueError."""
+  sc = c.stages[name]
+  n_dp = n_data_parallel(c, n_devices)
+  if "optim" in sc:
+    OptimConfig(**sc.optim.to_dict())
+  if "batch_size" in sc and sc.kind != "grpo" and sc.batch_size % n_dp:
+    raise ValueError(f"batch_size={sc.batch_size} is not a multiple of the {n_dp} "
+                     "data-parallel devices")
+  if "student" in sc:
+    ModelConfig(**sc.student.to_dict())
+  if sc.kind == "grpo":
+    from r1jax.rewards import RewardSpec
+    from r1jax.rl.step import GRPOConfig
+    g = GRPOConfig(**sc.grpo.to_dict())
+    RewardSpec.create([tuple(t) for t in sc.rewards])
+    if g.minibatch_size % n_dp:
+      raise ValueError(f"grpo minibatch of {g.minibatch_size} completions is not a multiple "
+                       f"of the {n_dp} data-parallel devices")
+  if "batch_rows" in sc and sc.batch_rows % n_dp:
+    raise ValueError(f"batch_rows={sc.batch_rows} is not a multiple of the {n_dp} "
+                     "data-parallel devices")
+  for field in ("init", "teacher", "data"):
+    if field not in sc:
+      continue
+    v = sc[field]
+    if field == "data":
+      if v != "task" and not v.startswith("stage:"):
+        raise ValueError(f"data={v!r}: use 'task' or 'stage:<earlier stage>'")
+    elif isinstance(v, str) and v and not v.startswith(("stage:", "hf:")):
+      raise ValueError(f"{field}={v!r}: use '' (fresh), 'stage:<earlier stage>' or 'hf:<dir>'")
 
 
 def with_model_preset(c: ml_collections.ConfigDict, preset: str, **overrides) -> None:
@@ -64,5 +195,5 @@ def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
   return ModelConfig(**c.model.to_dict())
 
 
-def optim_config(c: ml_collections.ConfigDict) -> OptimConfig:
-  return OptimConfig(**c.optim.to_dict())
+def optim_config(sc: ml_collections.ConfigDict) -> OptimConfig:
+  return OptimConfig(**sc.optim.to_dict())

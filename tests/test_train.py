@@ -47,24 +47,3 @@ def test_router_bias_gets_no_gradient(tiny_cfg, tiny_params, pattern_batch):
   assert labels["moe_layers"]["moe"]["router"]["bias"] == "frozen"
   assert labels["final_norm"]["scale"] == "no_decay"
   assert labels["embed"]["embedding"] == "decay"
-
-
-def _run(tmp, steps):
-  from r1jax.train import trainer
-  from tests.experiment_loader import load_config
-  c = load_config("experiments/sft_tiny.py", "smoke")
-  with c.unlocked():
-    c.train.steps = steps
-  return trainer.train_sft(c, str(tmp))
-
-
-def test_resume_continues_to_the_same_numbers(tmp_path):
-  straight = _run(tmp_path / "a", 4)
-  _run(tmp_path / "b", 2)  # "killed" after step 2's checkpoint
-  resumed = _run(tmp_path / "b", 4)
-  assert resumed["eval_lm_loss_end"] == straight["eval_lm_loss_end"]
-  assert resumed["eval_lm_loss_end"] < straight["eval_lm_loss_start"]
-  read = lambda d: [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
-  a, b = read(tmp_path / "a"), read(tmp_path / "b")
-  assert [m["step"] for m in b] == [2, 4]
-  assert a[-1]["loss"] == b[-1]["loss"]

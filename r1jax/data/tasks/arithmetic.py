@@ -24,17 +24,23 @@ _WORDS = {
 }
 
 
-def make_example(rng: random.Random, n_steps: int, language: str) -> dict:
-  """A left-to-right chain: ((a op b) op c) ... with its step-by-step solution."""
+def make_example(rng: random.Random, n_steps: int, language: str, *, max_operand: int = 20,
+                 ops: str = "+-*") -> dict:
+  """A left-to-right chain: ((a op b) op c) ... with its step-by-step solution.
+
+  Operands are drawn from 1..max_operand (multipliers from 2..min(9, max_operand));
+  the first operation is never a product, so answers stay small.
+  """
   if language not in _WORDS:
     raise ValueError(f"language must be one of {sorted(_WORDS)}, got {language!r}")
   words = _WORDS[language]
-  value = rng.randint(1, 20)
+  value = rng.randint(1, max_operand)
   expr = str(value)
   steps = []
+  first_ops = "".join(o for o in ops if o != "*") or ops
   for i in range(n_steps):
-    op = rng.choice("+-*") if i else rng.choice("+-")
-    operand = rng.randint(2, 9) if op == "*" else rng.randint(1, 20)
+    op = rng.choice(ops) if i else rng.choice(first_ops)
+    operand = rng.randint(2, min(9, max_operand)) if op == "*" else rng.randint(1, max_operand)
     new = _OPS[op](value, operand)
     steps.append(f"{value} {_SHOW[op]} {operand} = {new}")
     expr = f"({expr} {_SHOW[op]} {operand})" if i < n_steps - 1 else f"{expr} {_SHOW[op]} {operand}"
@@ -47,14 +53,19 @@ def make_example(rng: random.Random, n_steps: int, language: str) -> dict:
 
 
 def sample(rng: random.Random, *, min_steps: int = 1, max_steps: int = 3,
-           zh_fraction: float = 0.25) -> dict:
+           zh_fraction: float = 0.25, max_operand: int = 20, ops: str = "+-*") -> dict:
   """One problem of `min_steps`..`max_steps` operations; deterministic in `rng`."""
   if not 1 <= min_steps <= max_steps:
     raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps}, {max_steps}")
   if not 0.0 <= zh_fraction <= 1.0:
     raise ValueError(f"zh_fraction must be in [0, 1], got {zh_fraction}")
+  if max_operand < 2:
+    raise ValueError(f"max_operand must be >= 2, got {max_operand}")
+  if not ops or set(ops) - set(_OPS):
+    raise ValueError(f"ops must be a non-empty string over {''.join(_OPS)!r}, got {ops!r}")
   n_steps = rng.randint(min_steps, max_steps)
-  return make_example(rng, n_steps, "zh" if rng.random() < zh_fraction else "en")
+  return make_example(rng, n_steps, "zh" if rng.random() < zh_fraction else "en",
+                      max_operand=max_operand, ops=ops)
 
 
 def problem_key(example: dict) -> str:

@@ -1,0 +1,39 @@
+"""Distillation at toy scale (R1 §2.4): the R1-Zero tiny model, after GRPO, writes
+reasoning traces; a smaller dense student learns them by SFT alone.
+
+  python -m r1jax.main --config=experiments/distill/tiny.py --workdir=/tmp/r1jax_distill
+"""
+
+import importlib.util
+import os
+
+from r1jax import configs
+from r1jax.model import ModelConfig
+
+
+def _zero():
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "r1_zero", "tiny.py")
+  spec = importlib.util.spec_from_file_location("r1_zero_tiny", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  zero = _zero()
+  c = zero.get_config()
+  with c.unlocked():
+    c.pipeline = ("pretrain", "grpo", "distill")
+    # A dense student with fewer, narrower layers: no routed experts, no MTP.
+    student = ModelConfig.tiny(vocab_size=512, max_seq_len=256, d_model=48, n_layers=2,
+                               n_dense_layers=2, n_heads=4, d_ff=96, mtp_depth=0)
+    c.stages.distill = configs.distill_stage(
+        teacher="stage:grpo", student={f: getattr(student, f) for f in c.model.keys()},
+        prompts=1024, samples_per_prompt=2, keep_per_prompt=1, temperature=0.6,
+        max_prompt_len=112, max_new_tokens=64, steps=200, batch_size=32, seq_len=176,
+        eval_prompts=128, eval_samples=2,
+        optim=dict(learning_rate=3e-3, warmup_steps=10, total_steps=200, weight_decay=0.01))
+    if arg == "smoke":
+      zero.shrink(c)
+  c.lock()
+  return c

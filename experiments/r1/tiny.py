@@ -1,0 +1,65 @@
+"""DeepSeek-R1's four stages at toy scale (R1 §2.3), after a pretrained base model:
+
+  pretrain → cold-start SFT (R1-chat template, readable worked solutions)
+  → reasoning GRPO (accuracy + format + language consistency)
+  → rejection sampling (correct, single-language, non-repetitive samples)
+  → SFT of the base model on them → alignment GRPO (lower temperature, R1 §2.3.4).
+
+  python -m r1jax.main --config=experiments/r1/tiny.py --workdir=/tmp/r1jax_r1
+"""
+
+import importlib.util
+import os
+
+from r1jax import configs
+
+
+def _zero():
+  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "r1_zero", "tiny.py")
+  spec = importlib.util.spec_from_file_location("r1_zero_tiny", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  zero = _zero()
+  c = zero.get_config()
+  with c.unlocked():
+    template = "r1_chat"
+    rl = dict(template=template, eval_prompts=128, eval_samples=2, eval_temperature=0.6,
+              grpo=dict(max_prompt_len=48, max_new_tokens=64))
+    c.pipeline = ("pretrain", "cold_start", "reasoning_rl", "rejection", "sft", "alignment_rl")
+    c.stages.cold_start = configs.sft_stage(
+        init="stage:pretrain", data="task", template=template, steps=60, batch_size=32,
+        seq_len=128, eval_template=template, eval_max_prompt_len=48,
+        optim=dict(learning_rate=1e-3, warmup_steps=5, total_steps=60, weight_decay=0.0))
+    # Language consistency joins accuracy as a summed reward (R1 §2.3.2).
+    c.stages.reasoning_rl = configs.grpo_stage(
+        init="stage:cold_start", rewards=(("accuracy", 1.0), ("format", 0.5),
+                                          ("language", 0.5)),
+        steps=20, **rl)
+    c.stages.reasoning_rl.grpo.update(dict(group_size=8, prompts_per_step=16, n_minibatches=2,
+                                           ref_reset_every=0))
+    c.stages.reasoning_rl.optim.update(dict(learning_rate=5e-4, warmup_steps=2,
+                                            total_steps=40, weight_decay=0.0))
+    c.stages.rejection = configs.rejection_sample_stage(
+        init="stage:reasoning_rl", template=template, prompts=512, samples_per_prompt=4,
+        keep_per_prompt=2, temperature=0.8, max_prompt_len=48, max_new_tokens=64)
+    # R1 retrains the *base* model on the curated data (R1 §2.3.3).
+    c.stages.sft = configs.sft_stage(
+        init="stage:pretrain", data="stage:rejection", extra_task_rows=256,
+        template=template, steps=80,
+        batch_size=32, seq_len=128, eval_template=template, eval_max_prompt_len=48,
+        optim=dict(learning_rate=1e-3, warmup_steps=5, total_steps=80, weight_decay=0.0))
+    c.stages.alignment_rl = configs.grpo_stage(
+        init="stage:sft", rewards=(("accuracy", 1.0), ("format", 0.5), ("language", 0.5)),
+        steps=10, **rl)
+    c.stages.alignment_rl.grpo.update(dict(group_size=8, prompts_per_step=16, n_minibatches=2,
+                                           temperature=0.7, ref_reset_every=0))
+    c.stages.alignment_rl.optim.update(dict(learning_rate=3e-4, warmup_steps=1,
+                                            total_steps=20, weight_decay=0.0))
+    if arg == "smoke":
+      zero.shrink(c)
+  c.lock()
+  return c

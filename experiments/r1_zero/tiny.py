@@ -1,0 +1,64 @@
+"""R1-Zero at toy scale: pretrain a tiny DeepSeek-V3 base model, then GRPO it.
+
+The base model learns arithmetic from a "web corpus" of worked problems, a
+share of them in the R1-Zero template and a share ending in a wrong answer;
+GRPO with the rule-based accuracy + format rewards (R1 §2.2) then has to
+find the right answers and the format on its own. The README's main command:
+
+  python -m r1jax.main --config=experiments/r1_zero/tiny.py --workdir=/tmp/r1jax
+"""
+
+from r1jax import configs
+
+
+def get_config(arg: str | None = None):
+  c = configs.base()
+  # The tiny preset widened to d_model 128: the narrowest that learns the sums in
+  # a few hundred steps.
+  configs.with_model_preset(c, "tiny", vocab_size=512, max_seq_len=256, d_model=128,
+                            q_lora_rank=64, kv_lora_rank=64, d_ff=256, moe_d_ff=64)
+  # One- and two-step sums and differences of single digits: small enough that
+  # the tiny model can compute them, so what the base model lacks is reliability.
+  c.data.update(dict(task="arithmetic", min_steps=1, max_steps=2, max_operand=9, ops="+-",
+                     zh_fraction=0.25, n_train=4096, n_eval=200))
+  c.pipeline = ("pretrain", "grpo")
+  c.stages.pretrain = configs.pretrain_stage(
+      steps=400, batch_size=32, seq_len=160, r1_zero_fraction=0.3, wrong_answer_rate=0.5,
+      log_every=20, checkpoint_every=100,
+      optim=dict(learning_rate=3e-3, warmup_steps=20, total_steps=400, weight_decay=0.01))
+  c.stages.grpo = configs.grpo_stage(
+      init="stage:pretrain", rewards=(("accuracy", 1.0), ("format", 0.5)),
+      steps=30, log_every=1, checkpoint_every=10, eval_prompts=128, eval_samples=2,
+      eval_temperature=1.0,
+      grpo=dict(group_size=8, prompts_per_step=16, max_prompt_len=112, max_new_tokens=64,
+                temperature=1.0, n_minibatches=2, num_iterations=1, beta=0.001,
+                ref_reset_every=0),
+      optim=dict(learning_rate=5e-4, warmup_steps=2, total_steps=60, weight_decay=0.0))
+  if arg == "smoke":
+    shrink(c)
+  c.lock()
+  return c
+
+
+def shrink(c) -> None:
+  """A couple of steps of every stage, for the test suite."""
+  c.data.n_train, c.data.n_eval = 256, 32
+  for name in c.pipeline:
+    sc = c.stages[name]
+    sc.steps = 2
+    sc.log_every = 1
+    sc.checkpoint_every = 1
+    if "optim" in sc:
+      sc.optim.warmup_steps, sc.optim.total_steps = 1, 2
+    if "batch_size" in sc:
+      sc.batch_size = 8
+    if "eval_prompts" in sc and sc.eval_prompts:
+      sc.eval_prompts, sc.eval_samples = 8, 1
+    if "grpo" in sc:
+      sc.grpo.prompts_per_step, sc.grpo.group_size, sc.grpo.n_minibatches = 4, 2, 1
+      sc.grpo.max_new_tokens = 16
+    if "extra_task_rows" in sc:  # an untrained smoke model keeps no samples
+      sc.extra_task_rows = 16
+    if "prompts" in sc:
+      sc.prompts, sc.samples_per_prompt, sc.batch_rows = 16, 2, 16
+      sc.max_new_tokens = 16

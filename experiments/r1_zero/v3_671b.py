@@ -1,0 +1,37 @@
+"""DeepSeek-R1-Zero on DeepSeek-V3-671B with the paper's GRPO settings (pod config).
+
+R1 (Nature version, Methods): lr 3e-6, KL coefficient 0.001 (k3), temperature 1,
+G = 16, 32 questions per update, rollouts of 512 questions (8,192 outputs) split
+into 16 minibatches with one pass, reference reset every 400 updates, max
+length 32,768, 10,400 steps. The base model is DeepSeek-V3-Base in Hugging Face
+format (bf16 safetensors; convert the released FP8 files first), read by
+r1jax.interop.hf on every host.
+
+  python launch/tpu_pod.py --tpu=NAME --zone=ZONE --config=experiments/r1_zero/v3_671b.py \
+      --workdir=gs://BUCKET/r1_zero_671b
+
+On a CPU it only builds and validates (the test suite does that).
+"""
+
+from r1jax import configs
+
+
+def get_config(arg: str | None = None):
+  c = configs.base()
+  configs.with_model_preset(c, "deepseek_v3_671b")
+  c.mesh = (1, 32, 8, 1)  # 256 devices: experts over 8, parameters over 32 (see tools/plan.py)
+  c.data.update(dict(task="math_jsonl", train_path="gs://BUCKET/data/math_train.jsonl",
+                     eval_path="gs://BUCKET/data/aime24.jsonl", n_train=0, n_eval=30,
+                     vocab_size=129280, tokenizer_path="gs://BUCKET/deepseek_v3/tokenizer.model"))
+  c.pipeline = ("grpo",)
+  c.stages.grpo = configs.grpo_stage(
+      init="hf:/mnt/checkpoints/DeepSeek-V3-Base-bf16", rewards=(("accuracy", 1.0), ("format", 1.0)), steps=10_400,
+      log_every=1, checkpoint_every=50, eval_prompts=30, eval_samples=16, eval_temperature=0.6,
+      reward_workers=64, reward_timeout_s=30.0,
+      grpo=dict(group_size=16, prompts_per_step=512, max_prompt_len=1024, max_new_tokens=32_768,
+                temperature=1.0, n_minibatches=16, num_iterations=1, beta=0.001,
+                kl_estimator="k3", eps_low=0.2, eps_high=0.2, ref_reset_every=400),
+      optim=dict(learning_rate=3e-6, warmup_steps=0, total_steps=10_400 * 16,
+                 end_lr_fraction=1.0, weight_decay=0.1, grad_clip_norm=1.0))
+  c.lock()
+  return c

@@ -1,0 +1,156 @@
+"""What every stage of one run shares: the mesh, the task splits, the tokenizer,
+and moving parameters between stages (orbax, sharded on the way in)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from r1jax import configs
+from r1jax.data import pipelines, tasks
+from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.model import ModelConfig, abstract_params, logical_axes
+from r1jax.parallel import mesh as mesh_lib
+
+
+@dataclasses.dataclass
+class Context:
+  c: ml_collections.ConfigDict
+  workdir: str
+  mesh: Mesh
+  tok: tokenizer_lib.Tokenizer
+  train_examples: list[dict]
+  eval_examples: list[dict]
+  model_cfg: ModelConfig
+
+  @property
+  def is_main_process(self) -> bool:
+    return jax.process_index() == 0
+
+  def log(self, msg: str) -> None:
+    if self.is_main_process:
+      print(msg, flush=True)
+
+  @classmethod
+  def create(cls, c: ml_collections.ConfigDict, workdir: str) -> "Context":
+    mesh = mesh_lib.make_mesh(tuple(c.mesh))
+    train, held_out = load_splits(c)
+    tok_path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+    corpus = [p + r for name in tokenizer_lib.TEMPLATES
+              for p, r in pipelines.sft_pairs(train, name)]
+    corpus += [pretrain_document(e, "plain") for e in train]
+    tok = tokenizer_lib.train_or_load(tok_path, corpus, c.data.vocab_size)
+    model_cfg = configs.model_config(c)
+    if tok.vocab_size > model_cfg.vocab_size:
+      raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                       f"tokenizer's {tok.vocab_size} pieces; raise model.vocab_size")
+    return cls(c, workdir, mesh, tok, train, held_out, model_cfg)
+
+  # -- moving data onto the mesh
+
+  @property
+  def n_data_parallel(self) -> int:
+    return int(np.prod([self.mesh.shape[a] for a in mesh_lib.BATCH]))
+
+  def put_batch(self, batch: dict) -> dict:
+    """Global host arrays (every process holds the same) -> arrays split over the batch axes.
+
+    Works with several processes: each fills only its own devices' rows.
+    """
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      sharding = mesh_lib.batch_sharding(self.mesh, v.ndim)
+      out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+    return out
+
+  # -- parameters between stages
+
+  def param_sharding(self, cfg: ModelConfig):
+    return mesh_lib.logical_sharding(self.mesh, logical_axes(cfg))
+
+  def save_params(self, stage_dir: str, cfg: ModelConfig, params) -> dict:
+    """Writes `stage_dir/params` (orbax) and returns the outputs entry naming it."""
+    path = os.path.abspath(os.path.join(stage_dir, "params"))
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(path, params, force=True)
+    ckptr.wait_until_finished()
+    return {"checkpoint": path, "model": dataclasses.asdict(cfg)}
+
+  def load_params(self, outputs: dict, key: str = "checkpoint"):
+    """(ModelConfig, params placed by the rule table) from a stage's outputs."""
+    cfg = ModelConfig(**outputs["model"])
+    shardings = self.param_sharding(cfg)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract_params(cfg), shardings)
+    params = ocp.StandardCheckpointer().restore(outputs[key], target)
+    return cfg, params
+
+
+def load_splits(c: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
+  """(train, held-out) examples: a procedural task by name, or math JSONL files."""
+  if c.data.task == "math_jsonl":
+    if not c.data.train_path or not c.data.eval_path:
+      raise ValueError("data.task='math_jsonl' needs data.train_path and data.eval_path")
+    train = tasks.read_math(c.data.train_path)
+    held_out = tasks.read_math(c.data.eval_path)[:c.data.n_eval]
+    return (train[:c.data.n_train] if c.data.n_train else train), held_out
+  task = tasks.get(c.data.task)
+  options = {k: c.data[k] for k in task.options}
+  return tasks.make_splits(c.data.task, n_train=c.data.n_train, n_eval=c.data.n_eval,
+                           seed=c.seed, **options)
+
+
+def pretrain_document(example: dict, style: str, rng: random.Random | None = None,
+                      wrong_answer_rate: float = 0.0) -> str:
+  """A problem with its worked solution as plain text, the way a web corpus would hold it.
+
+  style "plain": "Question: … Solution: … The answer is X."; "r1_zero": the R1-Zero
+  template filled in. With `wrong_answer_rate`, that share of documents ends in a
+  wrong final answer (web text has mistakes), so a base model trained on them
+  is right only most of the time and RL has something to fix.
+  """
+  answer = example["answer"]
+  cot = example["cot"]
+  if rng is not None and wrong_answer_rate and rng.random() < wrong_answer_rate:
+    wrong = _perturb(answer, rng)
+    head, found, tail = cot.rpartition(answer)  # the final statement of the answer
+    cot = head + wrong + tail if found else cot
+    answer = wrong
+  if style == "r1_zero":
+    return (tokenizer_lib.r1_zero_prompt(example["question"]) +
+            tokenizer_lib.r1_zero_response(cot, answer))
+  if style == "plain":
+    return f"Question: {example['question']}\nSolution: {cot}\nThe answer is {answer}."
+  raise ValueError(f"unknown pretrain document style {style!r}; use 'plain' or 'r1_zero'")
+
+
+def _perturb(answer: str, rng: random.Random) -> str:
+  try:
+    value = int(answer)
+  except ValueError:
+    return answer + "0"
+  return str(value + rng.choice([-2, -1, 1, 2, 10, -10]))
+
+
+def jsonable(metrics: dict) -> dict:
+  """Floats for the outputs/summary JSON files."""
+  return {k: (float(v) if isinstance(v, (int, float, np.floating, np.integer, jnp.ndarray))
+              else v) for k, v in metrics.items()}
+
+
+def write_jsonl(path: str, rows: list[dict]) -> None:
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "w") as f:
+    for r in rows:
+      f.write(json.dumps(r, ensure_ascii=False) + "\n")
+  os.replace(tmp, path)

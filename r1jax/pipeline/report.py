@@ -1,0 +1,67 @@
+"""End-of-run report: PNG plots of every stage's metrics and a summary table."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display on pods or CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from r1jax.train.metrics import read_jsonl  # noqa: E402
+
+# The curves worth a panel, in this order, when a stage logged them.
+PANELS = (
+    ("reward/mean", "reward"), ("accuracy", "accuracy (train rollouts)"),
+    ("response_len/mean", "response length (tokens)"), ("kl", "KL to reference"),
+    ("loss", "loss"), ("lm_loss", "LM loss"), ("max_vio", "MaxVio (expert load)"),
+)
+
+
+def plot_stage(stage_dir: str, title: str) -> str | None:
+  rows = read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
+  panels = [(k, label) for k, label in PANELS if any(k in r for r in rows)]
+  if not panels:
+    return None
+  fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
+  for ax, (key, label) in zip(axes[0], panels):
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
+    ax.set_title(label, fontsize=9)
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  path = os.path.join(stage_dir, "metrics.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _fmt(v) -> str:
+  if isinstance(v, float):
+    return f"{v:.3f}"
+  return str(v)
+
+
+def summary_table(results: dict[str, dict]) -> str:
+  keys = ("kind", "wall_s", "steps", "final_loss", "accuracy_before", "accuracy_after",
+          "format_after", "rows_kept")
+  lines = ["| stage | " + " | ".join(keys) + " |", "|" + "---|" * (len(keys) + 1)]
+  for name, out in results.items():
+    lines.append(f"| {name} | " + " | ".join(_fmt(out.get(k, "")) for k in keys) + " |")
+  return "\n".join(lines)
+
+
+def write(workdir: str, c, results: dict[str, dict], log: Callable[[str], None] = print) -> None:
+  for name in results:
+    path = plot_stage(os.path.join(workdir, name), f"{name} ({results[name].get('kind', '')})")
+    if path:
+      log(f"[report] {path}")
+  table = summary_table(results)
+  with open(os.path.join(workdir, "summary.md"), "w") as f:
+    f.write(table + "\n")
+  log(table)

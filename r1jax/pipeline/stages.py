@@ -1,0 +1,330 @@
+"""The training stages of DeepSeek-R1, each `(ctx, name, sc, inputs, stage_dir) -> outputs`.
+
+outputs is a JSON-able dict: "checkpoint" + "model" for stages that produce
+weights, "dataset" for stages that produce data, and the stage's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import jax
+import numpy as np
+
+from r1jax import configs
+from r1jax.data import pipelines
+from r1jax.model import ModelConfig, param_counts
+from r1jax.pipeline.context import Context, jsonable, pretrain_document, write_jsonl
+from r1jax.rewards import RewardEvaluator, RewardSpec
+from r1jax.rl.rollout import sample
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import metrics as metrics_lib
+from r1jax.train import trainer
+
+
+def _ref(value: str) -> str:
+  return value[len("stage:"):]
+
+
+def _init(ctx: Context, sc, inputs: dict, field: str = "init") -> tuple[ModelConfig, object]:
+  """(model config, params or None for a fresh start) named by `sc.<field>`:
+  "stage:<name>" (an earlier stage's weights), "hf:<dir>" (a Hugging Face
+  DeepSeek-V3/R1 checkpoint in bf16 safetensors) or "" (fresh)."""
+  ref = sc[field]
+  if ref.startswith("stage:"):
+    return ctx.load_params(inputs[_ref(ref)])
+  if ref.startswith("hf:"):
+    from r1jax.interop import hf  # noqa: PLC0415
+    cfg, params = hf.load(ref[len("hf:"):])
+    cfg = cfg.replace(dtype=ctx.model_cfg.dtype, param_dtype=ctx.model_cfg.param_dtype,
+                      remat=ctx.model_cfg.remat)
+    return cfg, jax.device_put(params, ctx.param_sharding(cfg))
+  return ctx.model_cfg, None
+
+
+def _supervised(ctx: Context, sc, stage_dir: str, cfg: ModelConfig, params, pairs, eval_pairs,
+                seed: int) -> dict:
+  rows, dropped = pipelines.encode_rows(ctx.tok, pairs, sc.seq_len)
+  eval_rows, _ = pipelines.encode_rows(ctx.tok, eval_pairs, sc.seq_len)
+  if dropped:
+    ctx.log(f"  dropped {dropped} of {len(pairs)} rows longer than seq_len={sc.seq_len}")
+  params, summary = trainer.train_supervised(
+      ctx, stage_dir, cfg=cfg, params=params, rows=rows, eval_rows=eval_rows,
+      ocfg=configs.optim_config(sc), steps=sc.steps, batch_size=sc.batch_size, seed=seed,
+      log_every=sc.log_every, checkpoint_every=sc.checkpoint_every)
+  ctx.log(f"  held-out loss {summary['eval_loss_before']:.3f} -> "
+          f"{summary['eval_loss_after']:.3f}")
+  out = {**ctx.save_params(stage_dir, cfg, params), **summary}
+  if sc.eval_prompts:
+    ev = evaluate(ctx, cfg, params, sc, template=sc.eval_template,
+                  max_prompt_len=sc.eval_max_prompt_len, max_new_tokens=sc.eval_max_new_tokens,
+                  seed=seed + 5)
+    _write_samples(ctx, stage_dir, {"after": ev.pop("samples")})
+    ctx.log(f"  held-out accuracy {ev['accuracy']:.3f}  format {ev['format']:.3f}")
+    out.update({f"{k}_after": v for k, v in ev.items()})
+  return jsonable(out)
+
+
+def _write_samples(ctx: Context, stage_dir: str, samples: dict) -> None:
+  if ctx.is_main_process:
+    with open(os.path.join(stage_dir, "samples.json"), "w") as f:
+      json.dump(samples, f, indent=1, ensure_ascii=False)
+
+
+# ----------------------------------------------------------------------------
+# pretrain and sft
+
+def pack_documents(tok, docs: list[str], seq_len: int) -> dict:
+  """Documents packed greedily into rows of `seq_len` tokens, each ended by EOS; the loss
+  covers every token. Packed documents see each other (no per-document mask), as
+  in ordinary LM pre-training; a document longer than a row is cut."""
+  rows, row = [], [tok.bos_id]
+  for doc in docs:
+    ids = tok.encode(doc)[:seq_len - 2] + [tok.eos_id]
+    if len(row) + len(ids) > seq_len:
+      rows.append(row)
+      row = [tok.bos_id]
+    row += ids
+  rows.append(row)
+  tokens = np.full((len(rows), seq_len), tok.pad_id, np.int32)
+  valid = np.zeros((len(rows), seq_len), np.int32)
+  for i, r in enumerate(rows):
+    tokens[i, :len(r)] = r
+    valid[i, :len(r)] = 1
+  return {"tokens": tokens, "loss_mask": valid.copy(), "valid": valid}
+
+
+def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
+  """LM training on problems with worked solutions, packed into rows (every token counts)."""
+  rng = random.Random(ctx.c.seed)
+
+  def rows(examples):
+    docs = [pretrain_document(e, "r1_zero" if rng.random() < sc.r1_zero_fraction else "plain",
+                              rng, sc.wrong_answer_rate) for e in examples]
+    return pack_documents(ctx.tok, docs, sc.seq_len)
+
+  cfg, params = _init(ctx, sc, inputs)
+  train_rows, eval_rows = rows(ctx.train_examples), rows(ctx.eval_examples)
+  params, summary = trainer.train_supervised(
+      ctx, stage_dir, cfg=cfg, params=params, rows=train_rows, eval_rows=eval_rows,
+      ocfg=configs.optim_config(sc), steps=sc.steps, batch_size=sc.batch_size, seed=ctx.c.seed,
+      log_every=sc.log_every, checkpoint_every=sc.checkpoint_every)
+  ctx.log(f"  {len(train_rows['tokens'])} packed rows; held-out loss "
+          f"{summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}")
+  return jsonable({**ctx.save_params(stage_dir, cfg, params), **summary})
+
+
+def _dataset_pairs(path: str) -> list[tuple[str, str]]:
+  with open(path) as f:
+    return [(r["prompt"], r["response"]) for r in map(json.loads, f)]
+
+
+def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
+  cfg, params = _init(ctx, sc, inputs)
+  if sc.data == "task":
+    pairs = pipelines.sft_pairs(ctx.train_examples, sc.template)
+  else:
+    # R1 §2.3.3 mixes the sampled reasoning data with other SFT data; here the
+    # task's worked solutions stand in for it.
+    pairs = (_dataset_pairs(inputs[_ref(sc.data)]["dataset"]) +
+             pipelines.sft_pairs(ctx.train_examples[:sc.extra_task_rows], sc.template))
+  if len(pairs) < sc.batch_size:
+    raise RuntimeError(f"stage {name}: {len(pairs)} training rows, fewer than one batch of "
+                       f"{sc.batch_size}; raise extra_task_rows or sample more upstream")
+  eval_pairs = pipelines.sft_pairs(ctx.eval_examples, sc.template)
+  return _supervised(ctx, sc, stage_dir, cfg, params, pairs, eval_pairs, ctx.c.seed + 1)
+
+
+# ----------------------------------------------------------------------------
+# Generation shared by evaluation, rejection sampling and distillation
+
+def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, template: str,
+             samples: int, temperature: float, top_p: float, max_prompt_len: int,
+             max_new_tokens: int, batch_rows: int, seed: int) -> list[dict]:
+  """`samples` completions per example: [{"example", "prompt", "completion", "tokens",
+  "finished"}], in example order. Rows go through the sampler in fixed-size batches
+  (one compilation); the last batch is filled with repeats that are dropped."""
+  ids, kept, dropped = pipelines.encode_prompts(ctx.tok, examples, template, max_prompt_len)
+  if dropped:
+    ctx.log(f"  {dropped} prompts longer than max_prompt_len={max_prompt_len} skipped")
+  jobs = [(i, s) for i in range(len(kept)) for s in range(samples)]
+  out = []
+  for b, start in enumerate(range(0, len(jobs), batch_rows)):
+    chunk = jobs[start:start + batch_rows]
+    filled = chunk + [chunk[-1]] * (batch_rows - len(chunk))
+    prompts, lengths = pipelines.left_pad([ids[i] for i, _ in filled], max_prompt_len,
+                                          ctx.tok.pad_id)
+    ro = sample(cfg, params, prompts, lengths, max_new_tokens=max_new_tokens,
+                rng=jax.random.fold_in(jax.random.key(seed), b), temperature=temperature,
+                top_p=top_p, eos_id=ctx.tok.eos_id, pad_id=ctx.tok.pad_id, mesh=ctx.mesh)
+    ro = jax.device_get(ro)
+    for row, (i, _) in enumerate(chunk):
+      n = int(ro.lengths[row]) - int(ro.finished[row])  # drop the EOS token
+      toks = [int(t) for t in ro.tokens[row, :n]]
+      out.append({"example": kept[i], "prompt": ctx.tok.decode(ids[i]),
+                  "completion": ctx.tok.decode(toks), "tokens": n,
+                  "finished": bool(ro.finished[row])})
+  return out
+
+
+EVAL_REWARDS = (("accuracy", 1.0), ("format", 1.0), ("language", 1.0))
+
+
+def evaluate(ctx: Context, cfg: ModelConfig, params, sc, *, template: str, max_prompt_len: int,
+             max_new_tokens: int, seed: int) -> dict:
+  """Held-out accuracy, format and language scores (means in [0, 1]) and lengths."""
+  examples = ctx.eval_examples[:sc.eval_prompts]
+  gens = generate(ctx, cfg, params, examples, template=template, samples=sc.eval_samples,
+                  temperature=sc.eval_temperature, top_p=1.0, max_prompt_len=max_prompt_len,
+                  max_new_tokens=max_new_tokens, batch_rows=_rows(ctx, len(examples) *
+                                                                  sc.eval_samples),
+                  seed=seed)
+  with RewardEvaluator(RewardSpec.create(list(EVAL_REWARDS))) as ev:
+    _, per, _ = ev([g["completion"] for g in gens], [g["example"] for g in gens])
+  return {"accuracy": float(np.mean(per["accuracy"])), "format": float(np.mean(per["format"])),
+          "language": float(np.mean(per["language"])),
+          "response_len": float(np.mean([g["tokens"] for g in gens])),
+          "samples": [{"prompt": g["example"]["question"], "completion": g["completion"],
+                       "answer": g["example"]["answer"]} for g in gens[:6]]}
+
+
+def _rows(ctx: Context, n: int, cap: int = 256) -> int:
+  """A sampler batch size: ≥ n rows if it fits under cap, a multiple of the data axes."""
+  m = ctx.n_data_parallel
+  return max(m, min(cap, -(-n // m) * m))
+
+
+# ----------------------------------------------------------------------------
+# GRPO
+
+def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
+  from r1jax.rl.step import GRPOConfig, GRPOStep  # noqa: PLC0415
+
+  cfg, params = _init(ctx, sc, inputs)
+  if params is None:
+    raise ValueError(f"stages.{name}.init: GRPO needs a starting model ('stage:<name>')")
+  g = GRPOConfig(**sc.grpo.to_dict())
+  ocfg = configs.optim_config(sc)
+  eval_kw = dict(template=sc.template, max_prompt_len=g.max_prompt_len,
+                 max_new_tokens=g.max_new_tokens, seed=ctx.c.seed + 7)
+  before = evaluate(ctx, cfg, params, sc, **eval_kw)
+  ctx.log(f"  held-out before: accuracy {before['accuracy']:.3f}  format {before['format']:.3f}")
+  examples, dropped = pipelines.prompt_examples(ctx.tok, ctx.train_examples, template=sc.template,
+                                                max_prompt_len=g.max_prompt_len, seed=ctx.c.seed)
+  spec = RewardSpec.create([tuple(t) for t in sc.rewards], timeout_s=sc.reward_timeout_s,
+                           num_workers=sc.reward_workers)
+  with RewardEvaluator(spec) as evaluator:
+    step_fn = GRPOStep(cfg, g, ocfg, evaluator, decode=ctx.tok.decode, eos_id=ctx.tok.eos_id,
+                       pad_id=ctx.tok.pad_id, mesh=ctx.mesh)
+    state = step_fn.init_state(params)
+    del params
+    ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+                                 every=sc.checkpoint_every)
+    if ckpt.latest_step is not None:
+      state, data_state = ckpt.restore(ckpt_lib.abstract_like(state))
+      examples.restore(data_state)
+      ctx.log(f"  resuming from step {int(state.step)}")
+    writer = metrics_lib.MetricWriter(stage_dir, total_steps=sc.steps,
+                                      start_step=int(state.step),
+                                      show=("reward/mean", "accuracy", "kl"), desc=name)
+    rng = jax.random.key(ctx.c.seed + 11)
+    while int(state.step) < sc.steps:
+      state, m = step_fn(state, examples, rng)
+      step = int(state.step)
+      if step % sc.log_every == 0 or step == sc.steps:
+        writer.write(step, m)
+      ckpt.save(step, state, examples.state(), force=step == sc.steps)
+    writer.close()
+    ckpt.close()
+  after = evaluate(ctx, cfg, state.params, sc, **eval_kw)
+  ctx.log(f"  held-out after:  accuracy {after['accuracy']:.3f}  format {after['format']:.3f}")
+  _write_samples(ctx, stage_dir, {"before": before.pop("samples"), "after": after.pop("samples")})
+  out = ctx.save_params(stage_dir, cfg, state.params)
+  out.update({"steps": int(state.step), "prompts_dropped": dropped})
+  out.update({f"{k}_before": v for k, v in before.items()})
+  out.update({f"{k}_after": v for k, v in after.items()})
+  return jsonable(out)
+
+
+# ----------------------------------------------------------------------------
+# Rejection sampling and distillation
+
+FILTER_REWARDS = (("accuracy", 1.0), ("format", 1.0), ("language", 1.0), ("repetition", 1.0))
+
+
+def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: str,
+                       seed: int) -> dict:
+  """R1 §2.3.3: keep correct completions; drop mixed-language, malformed, repetitive
+  and unfinished ones; at most keep_per_prompt per prompt. Writes dataset.jsonl."""
+  examples = ctx.train_examples[:sc.prompts]
+  gens = generate(ctx, cfg, params, examples, template=sc.template,
+                  samples=sc.samples_per_prompt, temperature=sc.temperature, top_p=sc.top_p,
+                  max_prompt_len=sc.max_prompt_len, max_new_tokens=sc.max_new_tokens,
+                  batch_rows=sc.batch_rows, seed=seed)
+  with RewardEvaluator(RewardSpec.create(list(FILTER_REWARDS))) as ev:
+    _, per, _ = ev([g["completion"] for g in gens], [g["example"] for g in gens])
+  kept, per_prompt = [], {}
+  reasons = {"wrong": 0, "format": 0, "language": 0, "repetitive": 0, "unfinished": 0,
+             "over_quota": 0}
+  for i, g in enumerate(gens):
+    if per["accuracy"][i] < 1:
+      reasons["wrong"] += 1
+    elif per["format"][i] < 1:
+      reasons["format"] += 1
+    elif per["language"][i] < sc.min_language:
+      reasons["language"] += 1
+    elif per["repetition"][i] < -sc.max_repetition:
+      reasons["repetitive"] += 1
+    elif not g["finished"]:
+      reasons["unfinished"] += 1
+    else:
+      q = g["example"]["question"]
+      if per_prompt.get(q, 0) >= sc.keep_per_prompt:
+        reasons["over_quota"] += 1
+        continue
+      per_prompt[q] = per_prompt.get(q, 0) + 1
+      kept.append({"prompt": g["prompt"], "response": g["completion"] + "",
+                   "question": q, "answer": g["example"]["answer"],
+                   "language": g["example"]["language"]})
+  path = os.path.join(stage_dir, "dataset.jsonl")
+  if ctx.is_main_process:
+    write_jsonl(path, kept)
+  ctx.log(f"  kept {len(kept)} of {len(gens)} samples from {len(examples)} prompts; "
+          f"rejected: {reasons}")
+  return {"dataset": os.path.abspath(path), "rows_kept": len(kept), "samples": len(gens),
+          "prompts_covered": len(per_prompt), "accept_rate": len(kept) / max(len(gens), 1),
+          **{f"rejected_{k}": v for k, v in reasons.items()}}
+
+
+def rejection_sample(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
+  cfg, params = _init(ctx, sc, inputs)
+  if params is None:
+    raise ValueError(f"stages.{name}.init: rejection sampling needs a model ('stage:<name>')")
+  out = _sample_and_filter(ctx, cfg, params, sc, stage_dir, ctx.c.seed + 23)
+  if not out["rows_kept"]:
+    ctx.log(f"  WARNING: no sample passed the filters; the model from {sc.init} may be too "
+            "weak (raise samples_per_prompt, or train it longer)")
+  return out
+
+
+def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
+  teacher_cfg, teacher = _init(ctx, sc, inputs, "teacher")
+  if teacher is None:
+    raise ValueError(f"stages.{name}.teacher: name a model ('stage:<name>' or 'hf:<dir>')")
+  traces = _sample_and_filter(ctx, teacher_cfg, teacher, sc, stage_dir, ctx.c.seed + 29)
+  del teacher
+  student_cfg = ModelConfig(**sc.student.to_dict())
+  pairs = (_dataset_pairs(traces["dataset"]) +
+           pipelines.sft_pairs(ctx.train_examples[:sc.extra_task_rows], sc.template))
+  if len(pairs) < sc.batch_size:
+    raise RuntimeError(f"stage {name}: the teacher left {traces['rows_kept']} usable traces, "
+                       f"fewer than one batch of {sc.batch_size}")
+  eval_pairs = pipelines.sft_pairs(ctx.eval_examples, sc.template)
+  out = _supervised(ctx, sc, stage_dir, student_cfg, None, pairs, eval_pairs, ctx.c.seed + 31)
+  out.update({f"traces_{k}": v for k, v in traces.items() if k != "dataset"})
+  out["dataset"] = traces["dataset"]
+  out["student_params"] = param_counts(student_cfg)["total"]
+  out["teacher_params"] = param_counts(teacher_cfg)["total"]
+  return out

@@ -1,0 +1,62 @@
+"""Checks an experiment config before anything compiles; each error is one line naming a key."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import ml_collections
+
+STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sample", "distill")
+# Fields through which a stage names earlier stages.
+REF_FIELDS = ("init", "teacher", "data")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def stage_refs(sc: ml_collections.ConfigDict) -> list[str]:
+  """Names of earlier stages this stage reads (init / teacher / data fields)."""
+  refs = []
+  for field in REF_FIELDS:
+    if field in sc and isinstance(sc[field], str) and sc[field].startswith("stage:"):
+      refs.append(sc[field][len("stage:"):])
+  return refs
+
+
+def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
+             n_devices: int | None = None) -> None:
+  """Raises ConfigError; `n_devices` (default: the devices present) sizes the mesh."""
+  from r1jax import configs  # the model and optimizer dataclasses validate themselves
+
+  if not c.pipeline:
+    raise ConfigError("pipeline: empty; list the stages to run, e.g. ('pretrain', 'grpo')")
+  seen: list[str] = []
+  for name in c.pipeline:
+    if name not in c.stages:
+      raise ConfigError(f"pipeline: stage {name!r} has no entry in stages "
+                        f"(defined: {sorted(c.stages.keys())})")
+    if name in seen:
+      raise ConfigError(f"pipeline: stage {name!r} is listed twice")
+    sc = c.stages[name]
+    if sc.kind not in STAGE_KINDS:
+      raise ConfigError(f"stages.{name}.kind: {sc.kind!r} is not one of {list(STAGE_KINDS)}")
+    for field in REF_FIELDS:
+      if field in sc and isinstance(sc[field], str) and sc[field].startswith("stage:"):
+        ref = sc[field][len("stage:"):]
+        if ref not in seen:
+          raise ConfigError(f"stages.{name}.{field}: {ref!r} is not an earlier stage "
+                            f"(earlier: {seen})")
+    try:
+      configs.check_stage(c, name, n_devices)
+    except (ValueError, TypeError) as e:
+      raise ConfigError(f"stages.{name}: {e}") from None
+    seen.append(name)
+  if only:
+    unknown = [s for s in only if s not in c.pipeline]
+    if unknown:
+      raise ConfigError(f"--stages: {unknown} not in pipeline {list(c.pipeline)}")
+  try:
+    configs.model_config(c)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"model: {e}") from None

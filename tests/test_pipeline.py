@@ -1,0 +1,104 @@
+"""The pipeline end to end on the smoke configs: outputs, skipping, exact resume after SIGKILL."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from r1jax.pipeline import runner
+from r1jax.train.metrics import read_jsonl
+from tests.experiment_loader import ROOT, load_config
+
+
+@pytest.fixture(scope="module")
+def zero_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("r1_zero"))
+  c = load_config("experiments/r1_zero/tiny.py", "smoke")
+  return workdir, runner.run(c, workdir)
+
+
+def test_r1_zero_smoke_writes_every_artifact(zero_run):
+  workdir, results = zero_run
+  assert list(results) == ["pretrain", "grpo"]
+  for stage in results:
+    d = os.path.join(workdir, stage)
+    for name in ("outputs.json", "metrics.jsonl", "metrics.png", "params"):
+      assert os.path.exists(os.path.join(d, name)), (stage, name)
+    assert os.listdir(os.path.join(d, "tensorboard"))
+    assert [m["step"] for m in read_jsonl(os.path.join(d, "metrics.jsonl"))][-1] == 2
+  with open(os.path.join(workdir, "summary.json")) as f:
+    summary = json.load(f)
+  for key in ("accuracy_before", "accuracy_after", "format_after"):
+    assert 0.0 <= summary["grpo"][key] <= 1.0
+  assert summary["pretrain"]["wall_s"] > 0
+  with open(os.path.join(workdir, "grpo", "samples.json")) as f:
+    assert set(json.load(f)) == {"before", "after"}
+  grpo_rows = read_jsonl(os.path.join(workdir, "grpo", "metrics.jsonl"))
+  assert {"reward/mean", "kl", "response_len/mean"} <= set(grpo_rows[-1])
+
+
+def test_rerun_skips_finished_stages(zero_run, capsys):
+  workdir, results = zero_run
+  stamp = os.path.getmtime(os.path.join(workdir, "grpo", "outputs.json"))
+  again = runner.run(load_config("experiments/r1_zero/tiny.py", "smoke"), workdir)
+  assert again["grpo"]["accuracy_after"] == results["grpo"]["accuracy_after"]
+  assert os.path.getmtime(os.path.join(workdir, "grpo", "outputs.json")) == stamp
+  assert capsys.readouterr().out.count("finished earlier; skipping") == 2
+
+
+@pytest.mark.parametrize("experiment", ["r1/tiny.py", "distill/tiny.py"])
+def test_other_experiments_run_end_to_end(experiment, tmp_path):
+  c = load_config(f"experiments/{experiment}", "smoke")
+  results = runner.run(c, str(tmp_path))
+  assert list(results) == list(c.pipeline)
+  if "distill" in results:
+    assert results["distill"]["student_params"] < results["distill"]["teacher_params"]
+  if "rejection" in results:
+    assert results["rejection"]["samples"] > 0
+
+
+def _pretrain_only(workdir: str) -> list:
+  return ["-m", "r1jax.main", "--config=experiments/r1_zero/tiny.py:smoke",
+          f"--workdir={workdir}", "--stages=pretrain", "--config.stages.pretrain.steps=6",
+          "--config.stages.pretrain.optim.total_steps=6",
+          "--config.stages.pretrain.checkpoint_every=2"]
+
+
+def test_sigkill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
+  env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  subprocess.run([sys.executable, *_pretrain_only(straight)], cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+  proc = subprocess.Popen([sys.executable, *_pretrain_only(killed)], cwd=ROOT, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = os.path.join(killed, "pretrain", "checkpoints")
+  deadline = time.time() + 600
+  while time.time() < deadline and proc.poll() is None:  # kill once step 2 or 4 is saved
+    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(os.path.join(killed, "pretrain", "outputs.json"))
+  subprocess.run([sys.executable, *_pretrain_only(killed)], cwd=ROOT, env=env, check=True,
+                 capture_output=True, timeout=600)
+  a = json.load(open(os.path.join(straight, "pretrain", "outputs.json")))
+  b = json.load(open(os.path.join(killed, "pretrain", "outputs.json")))
+  assert a["eval_loss_after"] == b["eval_loss_after"]
+  assert a["final_loss"] == b["final_loss"]
+  rows = read_jsonl(os.path.join(killed, "pretrain", "metrics.jsonl"))
+  assert [r["step"] for r in rows] == list(range(1, 7))
+
+
+def test_bad_config_flag_is_a_one_line_error(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "r1jax.main", "--config=experiments/r1_zero/tiny.py:smoke",
+       f"--workdir={tmp_path}", "--config.stages.grpo.init=stage:later"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  lines = [l for l in out.stderr.splitlines() if "bad config" in l]
+  assert lines and "stages.grpo.init: 'later' is not an earlier stage" in lines[0]
