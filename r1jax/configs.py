@@ -9,6 +9,9 @@ key fails at load time (the dict is locked). Modules never see the ConfigDict:
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import types
 
 import ml_collections
 import numpy as np
@@ -175,6 +178,21 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
         raise ValueError(f"data={v!r}: use 'task' or 'stage:<earlier stage>'")
     elif isinstance(v, str) and v and not v.startswith(("stage:", "hf:")):
       raise ValueError(f"{field}={v!r}: use '' (fresh), 'stage:<earlier stage>' or 'hf:<dir>'")
+
+
+EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "experiments")
+
+
+def experiment(relpath: str) -> types.ModuleType:
+  """Imports experiments/<relpath>, so one experiment can build on another's config."""
+  path = os.path.join(EXPERIMENTS_DIR, relpath)
+  if not os.path.exists(path):
+    raise ValueError(f"no experiment file {path}")
+  spec = importlib.util.spec_from_file_location(relpath.replace("/", "_")[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def with_model_preset(c: ml_collections.ConfigDict, preset: str, **overrides) -> None:

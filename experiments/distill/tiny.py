@@ -4,23 +4,12 @@ reasoning traces; a smaller dense student learns them by SFT alone.
   python -m r1jax.main --config=experiments/distill/tiny.py --workdir=/tmp/r1jax_distill
 """
 
-import importlib.util
-import os
-
 from r1jax import configs
 from r1jax.model import ModelConfig
 
 
-def _zero():
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "r1_zero", "tiny.py")
-  spec = importlib.util.spec_from_file_location("r1_zero_tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str | None = None):
-  zero = _zero()
+  zero = configs.experiment("r1_zero/tiny.py")
   c = zero.get_config()
   with c.unlocked():
     c.pipeline = ("pretrain", "grpo", "distill")

@@ -8,22 +8,11 @@
   python -m r1jax.main --config=experiments/r1/tiny.py --workdir=/tmp/r1jax_r1
 """
 
-import importlib.util
-import os
-
 from r1jax import configs
 
 
-def _zero():
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "r1_zero", "tiny.py")
-  spec = importlib.util.spec_from_file_location("r1_zero_tiny", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str | None = None):
-  zero = _zero()
+  zero = configs.experiment("r1_zero/tiny.py")
   c = zero.get_config()
   with c.unlocked():
     template = "r1_chat"

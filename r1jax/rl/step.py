@@ -42,8 +42,7 @@ from r1jax.model import ModelConfig, Transformer, logical_axes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.rl import grpo
 from r1jax.rl.rollout import sample
-from r1jax.train import optim
-from r1jax.train.sft import apply_bias_update, max_violation
+from r1jax.train import optim, sft
 
 # (completions, examples) -> (rewards [B], {reward name: [B]}, metrics);
 # `r1jax.rewards.combine.RewardEvaluator` is one.
@@ -241,12 +240,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
 
   def train_step(state: RLState, batch: dict, rng: jax.Array):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if "expert_load" in metrics:
-      params = apply_bias_update(params, metrics["expert_load"], cfg.bias_update_rate)
-      metrics["max_vio"] = max_violation(metrics.pop("expert_load"))
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    params, opt_state, metrics = sft.apply_gradients(cfg, optimizer, state.params,
+                                                     state.opt_state, grads, metrics)
     return state.replace(params=params, opt_state=opt_state), metrics
 
   return train_step

@@ -97,17 +97,27 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+def apply_gradients(cfg: ModelConfig, optimizer: optax.GradientTransformation, params,
+                    opt_state, grads, metrics: dict):
+  """One optimizer update, then the routers' bias rule from the step's expert loads.
+
+  Returns (params, opt_state, metrics with max_vio and grad_norm)."""
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  if "expert_load" in metrics:
+    params = apply_bias_update(params, metrics["expert_load"], cfg.bias_update_rate)
+    metrics["max_vio"] = max_violation(metrics.pop("expert_load"))
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  return params, opt_state, metrics
+
+
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation):
   """train_step(state, batch) -> (state, metrics); pure, jit it with donated state."""
 
   def train_step(state: TrainState, batch: dict):
     (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    if "expert_load" in metrics:
-      params = apply_bias_update(params, metrics["expert_load"], cfg.bias_update_rate)
-      metrics["max_vio"] = max_violation(metrics.pop("expert_load"))
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    params, opt_state, metrics = apply_gradients(cfg, optimizer, state.params, state.opt_state,
+                                                 grads, metrics)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
