@@ -44,12 +44,18 @@ def _init(ctx: Context, sc, inputs: dict, field: str = "init") -> tuple[ModelCon
   return ctx.model_cfg, None
 
 
-def _supervised(ctx: Context, sc, stage_dir: str, cfg: ModelConfig, params, pairs, eval_pairs,
-                seed: int) -> dict:
+def _encode(ctx: Context, sc, pairs, eval_pairs) -> tuple[dict, dict]:
+  """(train rows, held-out rows) of (prompt, response) pairs, loss on the response."""
   rows, dropped = pipelines.encode_rows(ctx.tok, pairs, sc.seq_len)
   eval_rows, _ = pipelines.encode_rows(ctx.tok, eval_pairs, sc.seq_len)
   if dropped:
     ctx.log(f"  dropped {dropped} of {len(pairs)} rows longer than seq_len={sc.seq_len}")
+  return rows, eval_rows
+
+
+def _supervised(ctx: Context, sc, stage_dir: str, cfg: ModelConfig, params, rows: dict,
+                eval_rows: dict, seed: int) -> dict:
+  """Trains on encoded rows, saves the weights, and evaluates if the stage asks."""
   params, summary = trainer.train_supervised(
       ctx, stage_dir, cfg=cfg, params=params, rows=rows, eval_rows=eval_rows,
       ocfg=configs.optim_config(sc), steps=sc.steps, batch_size=sc.batch_size, seed=seed,
@@ -106,14 +112,10 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     return pack_documents(ctx.tok, docs, sc.seq_len)
 
   cfg, params = _init(ctx, sc, inputs)
-  train_rows, eval_rows = rows(ctx.train_examples), rows(ctx.eval_examples)
-  params, summary = trainer.train_supervised(
-      ctx, stage_dir, cfg=cfg, params=params, rows=train_rows, eval_rows=eval_rows,
-      ocfg=configs.optim_config(sc), steps=sc.steps, batch_size=sc.batch_size, seed=ctx.c.seed,
-      log_every=sc.log_every, checkpoint_every=sc.checkpoint_every)
-  ctx.log(f"  {len(train_rows['tokens'])} packed rows; held-out loss "
-          f"{summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}")
-  return jsonable({**ctx.save_params(stage_dir, cfg, params), **summary})
+  train_rows = rows(ctx.train_examples)
+  ctx.log(f"  {len(train_rows['tokens'])} packed rows")
+  return _supervised(ctx, sc, stage_dir, cfg, params, train_rows, rows(ctx.eval_examples),
+                     ctx.c.seed)
 
 
 def _dataset_pairs(path: str) -> list[tuple[str, str]]:
@@ -134,7 +136,8 @@ def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     raise RuntimeError(f"stage {name}: {len(pairs)} training rows, fewer than one batch of "
                        f"{sc.batch_size}; raise extra_task_rows or sample more upstream")
   eval_pairs = pipelines.sft_pairs(ctx.eval_examples, sc.template)
-  return _supervised(ctx, sc, stage_dir, cfg, params, pairs, eval_pairs, ctx.c.seed + 1)
+  rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
+  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows, ctx.c.seed + 1)
 
 
 # ----------------------------------------------------------------------------
@@ -322,7 +325,8 @@ def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     raise RuntimeError(f"stage {name}: the teacher left {traces['rows_kept']} usable traces, "
                        f"fewer than one batch of {sc.batch_size}")
   eval_pairs = pipelines.sft_pairs(ctx.eval_examples, sc.template)
-  out = _supervised(ctx, sc, stage_dir, student_cfg, None, pairs, eval_pairs, ctx.c.seed + 31)
+  rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
+  out = _supervised(ctx, sc, stage_dir, student_cfg, None, rows, eval_rows, ctx.c.seed + 31)
   out.update({f"traces_{k}": v for k, v in traces.items() if k != "dataset"})
   out["dataset"] = traces["dataset"]
   out["student_params"] = param_counts(student_cfg)["total"]

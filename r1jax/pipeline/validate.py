@@ -15,13 +15,15 @@ class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
 
 
+def _field_refs(sc: ml_collections.ConfigDict) -> list[tuple[str, str]]:
+  """(field, stage name) for each of init / teacher / data that reads "stage:<name>"."""
+  return [(f, sc[f][len("stage:"):]) for f in REF_FIELDS
+          if f in sc and isinstance(sc[f], str) and sc[f].startswith("stage:")]
+
+
 def stage_refs(sc: ml_collections.ConfigDict) -> list[str]:
-  """Names of earlier stages this stage reads (init / teacher / data fields)."""
-  refs = []
-  for field in REF_FIELDS:
-    if field in sc and isinstance(sc[field], str) and sc[field].startswith("stage:"):
-      refs.append(sc[field][len("stage:"):])
-  return refs
+  """Names of earlier stages this stage reads."""
+  return [ref for _, ref in _field_refs(sc)]
 
 
 def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
@@ -41,12 +43,10 @@ def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
     sc = c.stages[name]
     if sc.kind not in STAGE_KINDS:
       raise ConfigError(f"stages.{name}.kind: {sc.kind!r} is not one of {list(STAGE_KINDS)}")
-    for field in REF_FIELDS:
-      if field in sc and isinstance(sc[field], str) and sc[field].startswith("stage:"):
-        ref = sc[field][len("stage:"):]
-        if ref not in seen:
-          raise ConfigError(f"stages.{name}.{field}: {ref!r} is not an earlier stage "
-                            f"(earlier: {seen})")
+    for field, ref in _field_refs(sc):
+      if ref not in seen:
+        raise ConfigError(f"stages.{name}.{field}: {ref!r} is not an earlier stage "
+                          f"(earlier: {seen})")
     try:
       configs.check_stage(c, name, n_devices)
     except (ValueError, TypeError) as e:
