@@ -17,8 +17,8 @@ import pytest
 from r1jax.model import logical_axes
 from r1jax.parallel.mesh import logical_sharding, make_mesh
 from r1jax.rl import grpo
-from r1jax.rl.step import (GRPOConfig, GRPOStep, completion_layout, reward_from_fn,
-                           training_arrays)
+from r1jax.rl.step import GRPOConfig, GRPOStep, reward_from_fn
+from r1jax.rl.update import completion_layout, training_arrays
 from r1jax.train.optim import OptimConfig
 
 G, Q, P, N = 4, 4, 8, 8

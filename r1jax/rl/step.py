@@ -5,9 +5,9 @@ Python orchestrates; the heavy parts are pure jitted functions:
   sample (r1jax/rl/rollout.py)  π_old = the current params draw G completions per prompt
   reward_fn                     Python (a RewardEvaluator's worker pool, or any callable)
   group_advantages              r1jax/rl/grpo.py
-  logprob_fn (jit)              the trainer's own log-probs of the sampled tokens under π_old
+  logprob_fn (jit, update.py)   the trainer's own log-probs of the sampled tokens under π_old
                                 and π_ref, one minibatch at a time
-  train_step (jit, donated)     one optimizer update on one minibatch, then the MoE
+  train_step (jit, update.py)   one optimizer update on one minibatch, then the MoE
                                 routers' bias rule (aux-loss-free balancing)
 
 π_old's log-probs are recomputed by the trainer rather than taken from the
@@ -26,23 +26,21 @@ rows, P prompt slots, N new tokens, L = P + N, V vocab.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.sharding import Mesh
 
-from r1jax.model import ModelConfig, Transformer, logical_axes
+from r1jax.model import ModelConfig, logical_axes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.rl import grpo
 from r1jax.rl.rollout import sample
-from r1jax.train import optim, sft
+from r1jax.rl.update import RLState, _programs, _train_step, training_arrays
+from r1jax.train import optim
 
 # (completions, examples) -> (rewards [B], {reward name: [B]}, metrics);
 # `r1jax.rewards.combine.RewardEvaluator` is one.
@@ -138,151 +136,6 @@ class GRPOConfig:
     return (("eps_low", self.eps_low), ("eps_high", self.eps_high), ("beta", self.beta),
             ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation),
             ("max_len", self.max_len or self.max_new_tokens))
-
-
-@flax.struct.dataclass
-class RLState:
-  """What a GRPO run carries between steps (orbax saves it as is).
-
-  step counts GRPO iterations; ref_params is None when β = 0 and no KL is needed.
-  """
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  ref_params: Any
-
-
-# ----------------------------------------------------------------------------
-# Pure pieces: sequence layout, log-probs, the loss and the update.
-
-def completion_layout(prompts_BxP: np.ndarray, prompt_lengths_B: np.ndarray,
-                      tokens_BxN: np.ndarray, mask_BxN: np.ndarray
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """[left-padded prompt; completion] as (tokens, positions, valid), each [B, L]."""
-  B, Pn = prompts_BxP.shape
-  L = Pn + tokens_BxN.shape[1]
-  pad_Bx1 = (Pn - np.asarray(prompt_lengths_B))[:, None]
-  slots_1xL = np.arange(L)[None]
-  tokens_BxL = np.concatenate([prompts_BxP, tokens_BxN], axis=1).astype(np.int32)
-  positions_BxL = np.maximum(slots_1xL - pad_Bx1, 0).astype(np.int32)
-  valid_BxL = np.concatenate([slots_1xL[:, :Pn] >= pad_Bx1, np.asarray(mask_BxN, bool)], axis=1)
-  return tokens_BxL, positions_BxL, valid_BxL
-
-
-def training_arrays(batch: Mapping[str, np.ndarray], advantages_B: np.ndarray, *,
-                    mask_truncated: bool) -> dict[str, np.ndarray]:
-  """The update's inputs from a scored rollout: layout, loss mask, advantages.
-
-  The loss mask is the rollout's (tokens up to and including EOS); with
-  `mask_truncated` a completion that never emitted EOS is dropped whole (DAPO's
-  overlong filtering), though it still runs through the model.
-  """
-  loss_mask_BxN = np.asarray(batch["mask"], bool).copy()
-  if mask_truncated:
-    loss_mask_BxN &= np.asarray(batch["finished"], bool)[:, None]
-  tokens_BxL, positions_BxL, valid_BxL = completion_layout(
-      batch["prompts"], batch["prompt_lengths"], batch["tokens"], batch["mask"])
-  return dict(tokens=tokens_BxL, positions=positions_BxL, valid=valid_BxL, mask=loss_mask_BxN,
-              advantages=np.asarray(advantages_B, np.float32))
-
-
-def sequence_logprobs(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions_BxL: jax.Array,
-                      valid_BxL: jax.Array, *, completion_len: int
-                      ) -> tuple[jax.Array, jax.Array, dict]:
-  """Teacher-forced log-probs of the last `completion_len` tokens, at temperature 1.
-
-  Returns (logp [B, N], entropy of the policy at each of those steps [B, N],
-  the model's aux outputs). Logits at slot P−1+j predict completion token j.
-  """
-  L = tokens_BxL.shape[1]
-  N = completion_len
-  # RL trains no MTP head: build the model without it (its params are ignored).
-  model = Transformer(cfg.replace(mtp_depth=0))
-  logits_BxLxV, aux = model.apply({"params": params}, tokens_BxL, positions_BxL, valid_BxL,
-                                  return_aux=True)
-  logp_BxNxV = jax.nn.log_softmax(logits_BxLxV[:, L - N - 1:L - 1].astype(jnp.float32), axis=-1)
-  logp_BxN = jnp.take_along_axis(logp_BxNxV, tokens_BxL[:, L - N:, None], axis=-1)[..., 0]
-  entropy_BxN = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
-  return logp_BxN, entropy_BxN, aux
-
-
-def make_loss_fn(cfg: ModelConfig, **loss_options) -> Callable:
-  """loss_fn(params, batch, rng) -> (loss, metrics) over one minibatch.
-
-  batch: tokens/positions/valid [b, L]; mask, old_logp [b, N]; advantages [b];
-  optional ref_logp and tis_weights [b, N]. Adds the V3 sequence-wise balance
-  loss (α = cfg.seq_aux_loss_alpha); MTP's loss is not used in RL.
-  """
-
-  def loss_fn(params, batch: dict, rng: jax.Array):
-    del rng  # nothing stochastic in the forward pass; kept for the common signature
-    N = batch["mask"].shape[1]
-    logp_bxN, entropy_bxN, aux = sequence_logprobs(
-        cfg, params, batch["tokens"], batch["positions"], batch["valid"], completion_len=N)
-    loss, metrics = grpo.grpo_loss(
-        logp_bxN, batch["old_logp"], batch["ref_logp"] if "ref_logp" in batch else None,
-        batch["advantages"], batch["mask"], entropy_BxT=entropy_bxN,
-        tis_weights_BxT=batch["tis_weights"] if "tis_weights" in batch else None,
-        **loss_options)
-    if "balance" in aux:
-      balance = jnp.sum(aux["balance"])
-      loss = loss + cfg.seq_aux_loss_alpha * balance
-      metrics["balance_loss"] = balance
-      metrics["expert_load"] = aux["expert_load"]
-    return loss, metrics
-
-  return loss_fn
-
-
-def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                    loss_fn: Callable) -> Callable:
-  """train_step(state, batch, rng) -> (state, metrics); jit it with donated state."""
-
-  def train_step(state: RLState, batch: dict, rng: jax.Array):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
-    params, opt_state, metrics = sft.apply_gradients(cfg, optimizer, state.params,
-                                                     state.opt_state, grads, metrics)
-    return state.replace(params=params, opt_state=opt_state), metrics
-
-  return train_step
-
-
-def make_logprob_fn(cfg: ModelConfig) -> Callable:
-  """logprob_fn(params, ref_params, batch) -> (old_logp [b, N], ref_logp [b, N] or None)."""
-
-  def logprob_fn(params, ref_params, batch: dict):
-    N = batch["mask"].shape[1]
-    args = (batch["tokens"], batch["positions"], batch["valid"])
-    old = sequence_logprobs(cfg, params, *args, completion_len=N)[0]
-    ref = None if ref_params is None else sequence_logprobs(cfg, ref_params, *args,
-                                                            completion_len=N)[0]
-    return old, ref
-
-  return logprob_fn
-
-
-# Jitted programs are shared by every GRPOStep built with the same model, loss and
-# optimizer (tests, notebooks, pipeline stages), so each compiles once.
-
-@functools.lru_cache(maxsize=8)
-def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig):
-  """(optimizer, logprob_fn, copy)."""
-  optimizer = optim.make_optimizer(ocfg)
-  logprob_fn = jax.jit(make_logprob_fn(cfg))
-  # A real copy: params and ref_params must not share buffers when the state is donated.
-  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-  return optimizer, logprob_fn, copy
-
-
-@functools.lru_cache(maxsize=8)
-def _train_step(cfg: ModelConfig, loss_options: tuple, ocfg: optim.OptimConfig,
-                state_treedef, state_shardings: tuple):
-  """The jitted update, its state pinned to the shardings it came in with (left to
-  itself, XLA may hand back replicated parameters)."""
-  optimizer = _programs(cfg, ocfg)[0]
-  step = make_train_step(cfg, optimizer, make_loss_fn(cfg, **dict(loss_options)))
-  out = (jax.tree.unflatten(state_treedef, state_shardings), None)  # None: metrics unpinned
-  return jax.jit(step, donate_argnums=0, out_shardings=out)
 
 
 # ----------------------------------------------------------------------------
