@@ -184,12 +184,15 @@ EXPERIMENTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
                                "experiments")
 
 
-def experiment(relpath: str) -> types.ModuleType:
-  """Imports experiments/<relpath>, so one experiment can build on another's config."""
-  path = os.path.join(EXPERIMENTS_DIR, relpath)
+def experiment(path: str) -> types.ModuleType:
+  """Imports an experiment file: `path` as given if it exists, else relative to
+  experiments/ (so one experiment can build on another's config)."""
+  if not os.path.exists(path):
+    path = os.path.join(EXPERIMENTS_DIR, path)
   if not os.path.exists(path):
     raise ValueError(f"no experiment file {path}")
-  spec = importlib.util.spec_from_file_location(relpath.replace("/", "_")[:-3], path)
+  name = os.path.relpath(path, EXPERIMENTS_DIR).replace(os.sep, "_").replace(".", "_")
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

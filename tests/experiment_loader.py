@@ -8,5 +8,5 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(relpath: str, arg: str | None = None):
-  module = configs.experiment(os.path.relpath(os.path.join(ROOT, relpath), configs.EXPERIMENTS_DIR))
+  module = configs.experiment(os.path.join(ROOT, relpath))
   return module.get_config(arg) if arg is not None else module.get_config()

@@ -8,7 +8,7 @@ import pytest
 
 from r1jax.model import ModelConfig, abstract_params, init_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
-from r1jax.tools import plan
+from r1jax.tools import memory, plan
 from r1jax.train import optim
 
 REQUIRED = ("params", "optimizer", "gradients", "activations", "total")
@@ -28,15 +28,15 @@ def test_param_bytes_equal_a_sharded_init(tiny_cfg, shape):
   for leaf in jax.tree.leaves(params):
     for shard in leaf.addressable_shards:
       per_device[shard.device] += shard.data.nbytes
-  estimate = plan.state_bytes(tiny_cfg, _sizes(shape))["params"]
+  estimate = memory.state_bytes(tiny_cfg, _sizes(shape))["params"]
   assert set(per_device.values()) == {estimate}
 
 
 def test_shard_shape_rounds_up():
   spec = jax.sharding.PartitionSpec(None, ("fsdp", "expert"), "tensor")
   sizes = _sizes((1, 2, 2, 3))
-  assert plan.shard_shape((5, 10, 7), spec, sizes) == (5, 3, 3)
-  assert plan.shard_shape((5, 10, 7), spec, sizes, skip=("fsdp",)) == (5, 5, 3)
+  assert memory.shard_shape((5, 10, 7), spec, sizes) == (5, 3, 3)
+  assert memory.shard_shape((5, 10, 7), spec, sizes, skip=("fsdp",)) == (5, 5, 3)
 
 
 def test_as_built_optimizer_bytes_equal_optax_state(tiny_cfg):
@@ -45,14 +45,14 @@ def test_as_built_optimizer_bytes_equal_optax_state(tiny_cfg):
     state = jax.eval_shape(optim.make_optimizer(optim.OptimConfig()).init, abstract_params(cfg))
     arrays = [x for x in jax.tree.leaves(state) if x.ndim]  # scalars: step counts
     actual = sum(math.prod(x.shape) * x.dtype.itemsize for x in arrays)
-    estimate = plan.state_bytes(cfg, _sizes((1, 1, 1, 1)), "adamw_as_built")["optimizer"]
+    estimate = memory.state_bytes(cfg, _sizes((1, 1, 1, 1)), "adamw_as_built")["optimizer"]
     assert estimate == actual
 
 
 def test_mixed_precision_adamw_is_12_bytes_per_bf16_param():
   cfg = ModelConfig.tiny(param_dtype="bfloat16", n_routed_experts=0, n_layers=1,
                          n_dense_layers=1, n_expert_groups=1, n_limited_groups=1, mtp_depth=0)
-  s = plan.state_bytes(cfg, _sizes((1, 1, 1, 1)), "adamw")
+  s = memory.state_bytes(cfg, _sizes((1, 1, 1, 1)), "adamw")
   assert s["optimizer"] == 6 * s["params"] and s["gradients"] == s["params"]
 
 
@@ -107,7 +107,7 @@ def test_xla_arguments_match_the_estimated_state(tiny_cfg):
   cfg = plan.cut_model(tiny_cfg).replace(mtp_depth=0)
   sizes = _sizes((2, 2, 1, 2))
   mem = plan.compile_memory(cfg, sizes, batch=4, seq_len=16)
-  state = plan.state_bytes(cfg, sizes, "adamw_as_built")
+  state = memory.state_bytes(cfg, sizes, "adamw_as_built")
   batch = 3 * (4 // 4) * 16 * 4  # three int32 [B/4, T] arrays per device
   scalars = 64  # step and optimizer counts
   assert 0 <= mem["argument"] - state["params"] - state["optimizer"] - batch <= scalars

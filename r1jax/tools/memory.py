@@ -1,0 +1,200 @@
+"""Bytes per device of a model on a mesh, from abstract shapes and formulas.
+
+Parameters, optimizer state and gradients: each leaf's logical axes -> mesh
+axes (the rule table) -> every dim divided by its mesh axes' sizes, rounded up.
+Activations: a formula (see `activation_bytes`). r1jax/tools/plan.py builds
+plans and searches meshes with these.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from r1jax.model import ModelConfig, abstract_params, logical_axes
+from r1jax.model.moe import block_rows
+from r1jax.parallel import mesh as mesh_lib
+
+# ----------------------------------------------------------------------------
+# Sharded sizes of parameters, optimizer state and gradients.
+
+def mesh_specs(cfg: ModelConfig):
+  """A tree of mesh-axis PartitionSpecs, one per parameter, from the rule table."""
+  return nn.logical_to_mesh(logical_axes(cfg), mesh_lib.RULES)
+
+
+def mesh_axes(entry) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def shard_shape(shape: tuple[int, ...], spec, sizes: dict[str, int],
+                skip: tuple[str, ...] = ()) -> tuple[int, ...]:
+  """The largest shard of `shape` under `spec`; mesh axes in `skip` count as unsharded."""
+  entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+  out = []
+  for d, entry in zip(shape, entries):
+    k = math.prod(sizes[a] for a in mesh_axes(entry) if a not in skip)
+    out.append(-(-d // k))
+  return tuple(out)
+
+
+@functools.lru_cache(maxsize=8)
+def param_leaves(cfg: ModelConfig) -> tuple:
+  """((path string, ShapeDtypeStruct, mesh PartitionSpec), ...) of every parameter."""
+  shapes = jax.tree_util.tree_leaves_with_path(abstract_params(cfg))
+  specs = jax.tree.leaves(mesh_specs(cfg), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  return tuple((jax.tree_util.keystr(p), s, spec) for (p, s), spec in zip(shapes, specs))
+
+
+# Optimizer state bytes per parameter element, by parameter itemsize. The
+# router's correction biases are frozen (`optim.is_router_bias`): no state.
+OPTIMIZERS = {
+    # Mixed precision, what a stable bf16 run needs: two f32 moments, plus an
+    # f32 master copy of every parameter stored narrower than f32.
+    "adamw": lambda itemsize: 8 + (4 if itemsize < 4 else 0),
+    # What `optim.make_optimizer` builds today: optax.adamw with mu_dtype=None
+    # keeps both moments in the parameter dtype and no master copy.
+    "adamw_as_built": lambda itemsize: 2 * itemsize,
+}
+
+
+def state_bytes(cfg: ModelConfig, sizes: dict[str, int], optimizer: str = "adamw") -> dict:
+  """Per-device bytes of params, optimizer state and gradients (gradients: param dtype,
+  sharded like the params, as `jax.value_and_grad` of sharded params returns them)."""
+  if optimizer not in OPTIMIZERS:
+    raise ValueError(f"--optimizer={optimizer!r}; known: {sorted(OPTIMIZERS)}")
+  per_elem = OPTIMIZERS[optimizer]
+  params = opt = 0
+  for path, s, spec in param_leaves(cfg):
+    n = math.prod(shard_shape(s.shape, spec, sizes))
+    itemsize = jnp.dtype(s.dtype).itemsize
+    params += n * itemsize
+    if not path.replace("']['", "/").endswith("router/bias']"):
+      opt += n * per_elem(itemsize)
+  return {"params": params, "optimizer": opt, "gradients": params}
+
+
+def gathered_layer_bytes(cfg: ModelConfig, sizes: dict[str, int], stack: str) -> int:
+  """One layer of `stack` as its matmuls see it: gathered over fsdp (and data), still
+  split over tensor and (experts) expert, cast to the compute dtype."""
+  dt = jnp.dtype(cfg.dtype).itemsize
+  total = 0
+  for path, s, spec in param_leaves(cfg):
+    if path.startswith(f"['{stack}']"):
+      total += math.prod(shard_shape(s.shape, spec, sizes, skip=("data", "fsdp"))[1:]) * dt
+  return total
+
+
+# ----------------------------------------------------------------------------
+# Activations.
+
+def _resolve(cfg: ModelConfig, backend: str) -> tuple[str, str]:
+  """(grouped matmul, expert exchange) the model will use on `backend` ("cpu" or "accelerator")."""
+  gmm = cfg.grouped_matmul
+  if gmm == "auto":
+    gmm = "blocked" if backend == "cpu" else "ragged_dot"
+  exchange = cfg.ep_exchange
+  if exchange == "auto":
+    exchange = "all_to_all" if backend == "cpu" else "ragged_all_to_all"
+  return gmm, exchange
+
+
+def _gmm_rows(cfg: ModelConfig, rows: int, groups: int, gmm: str) -> int:
+  """Rows the grouped matmul holds: the blocked form pads each group to whole blocks."""
+  if gmm != "blocked":
+    return rows
+  b = block_rows(rows, groups, cfg.gmm_block_size)
+  return max((rows + groups * (b - 1)) // b, 1) * b
+
+
+def _attention_fwd(cfg: ModelConfig, b: int, T: int, tp: int, dt: int) -> int:
+  n, H = b * T, -(-cfg.n_heads // tp)
+  C, R, K, V = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
+  q_lora = 2 * n * cfg.q_lora_rank * dt  # projection and its norm
+  q = 2 * n * H * (K + R) * dt  # q and its rotated split
+  kv = 2 * n * (C + R) * dt + n * H * (K + V) * dt
+  scores = b * H * T * T * (2 * dt + 4)  # logits (dt), probabilities (f32 and dt)
+  out = n * H * V * dt + n * cfg.d_model * dt
+  return q_lora + q + kv + scores + out
+
+
+def _moe_fwd(cfg: ModelConfig, n: int, sizes: dict[str, int], backend: str, dt: int) -> int:
+  """Router, shared expert and routed dispatch buffers of one MoE layer (worst case:
+  the dropless branch's buffers count even when a capacity factor is set)."""
+  E, K, D = cfg.n_routed_experts, cfg.n_activated_experts, cfg.d_model
+  tp, X = sizes["tensor"], sizes["expert"]
+  F = -(-cfg.moe_d_ff // tp)
+  gmm, exchange = _resolve(cfg, backend)
+  router = 4 * n * E * 4  # logits, scores, biased and group-masked choices, f32
+  shared = 3 * n * cfg.n_shared_experts * F * dt
+  if X == 1:  # sort + grouped matmul over every (token, expert) pair
+    rows = _gmm_rows(cfg, n * K, E, gmm)
+    moved = 2 * n * K * D * dt  # gathered inputs, unsorted outputs
+  else:  # r1jax/parallel/expert_parallel.py: send, exchange, local experts, return
+    L = E // X
+    J = min(K, L)
+    send = X * n if exchange == "all_to_all" else n * min(K, X)
+    recv = X * n
+    rows = _gmm_rows(cfg, recv * J, L, gmm)
+    moved = (2 * send + recv + recv * J) * D * dt
+  routed = moved + rows * (2 * D + 3 * F) * dt  # sorted in/out rows, gate/up/hidden
+  if gmm == "blocked":  # one copy of its expert's three weights per block of rows
+    b = block_rows(rows, E if X == 1 else E // X, cfg.gmm_block_size)
+    routed += rows // b * 3 * D * F * dt
+  return router + shared + routed + n * D * dt
+
+
+def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq_len: int,
+                     backend: str = "accelerator") -> dict:
+  """Per-device activation estimate of one forward + backward step.
+
+  Tokens per device n = ceil(batch / (data·fsdp·expert))·seq_len (the batch is
+  replicated over tensor). Per layer, "fwd" = its forward intermediates (attention
+  with the full [heads/tensor, T, T] scores, dense MLP or MoE with its dispatch
+  buffers) and "weights" = its parameters gathered over fsdp. With remat (every
+  scanned block recomputed in backward, nothing saved):
+    saved   = n·D·dtype per layer (each block's input)
+    working = 2·(fwd + weights) of the largest layer (recomputed forward + cotangents)
+  Without remat, saved = Σ over layers of fwd. The MTP block is not rematerialised:
+  its fwd is saved. head = 3 f32 copies (logits, log-softmax, cotangent) of
+  [n, vocab/tensor] per output head (main + MTP depths) plus the head's gathered
+  weights; inputs = the batch arrays.
+  """
+  dt = jnp.dtype(cfg.dtype).itemsize
+  tp = sizes["tensor"]
+  n_batch = math.prod(sizes[a] for a in mesh_lib.BATCH)
+  b = -(-batch // n_batch)
+  n = b * seq_len
+  D = cfg.d_model
+  attn = _attention_fwd(cfg, b, seq_len, tp, dt)
+  norms = 3 * n * D * dt  # two pre-norms and the residual sum
+  layers = []  # (fwd, gathered weights, count)
+  if cfg.n_dense_layers:
+    dense = attn + norms + (3 * n * (-(-cfg.d_ff // tp)) + n * D) * dt
+    layers.append((dense, gathered_layer_bytes(cfg, sizes, "dense_layers"), cfg.n_dense_layers))
+  if cfg.n_moe_layers:
+    moe = attn + norms + _moe_fwd(cfg, n, sizes, backend, dt)
+    layers.append((moe, gathered_layer_bytes(cfg, sizes, "moe_layers"), cfg.n_moe_layers))
+  mtp_fwd = 0
+  if cfg.mtp_depth:
+    ffn = (_moe_fwd(cfg, n, sizes, backend, dt) if cfg.n_moe_layers
+           else (3 * n * (-(-cfg.d_ff // tp)) + n * D) * dt)
+    mtp_fwd = cfg.mtp_depth * (attn + norms + ffn + 4 * n * D * dt)  # + concat, projection
+  if cfg.remat:
+    saved = sum(count for _, _, count in layers) * n * D * dt
+  else:
+    saved = sum(fwd * count for fwd, _, count in layers)
+  working = max((2 * (fwd + w) for fwd, w, _ in layers), default=0)
+  vocab = -(-cfg.vocab_size // tp)
+  head_w = D * vocab * dt
+  head = (1 + cfg.mtp_depth) * 3 * n * vocab * 4 + 2 * head_w
+  inputs = 4 * n * 4  # tokens, positions, loss_mask, valid
+  parts = {"saved_layer_inputs": saved, "layer_working_set": working, "mtp_saved": mtp_fwd,
+           "head_and_loss": head, "inputs": inputs}
+  return {"tokens_per_device": n, "sequences_per_device": b, **parts, "total": sum(parts.values())}
