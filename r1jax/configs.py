@@ -81,9 +81,13 @@ def pretrain_stage(**kw) -> ml_collections.ConfigDict:
   """LM training of the toy base model on problems with worked solutions (all tokens).
 
   r1_zero_fraction of the documents are written in the R1-Zero template (a base
-  model has seen such formats); wrong_answer_rate of them end in a wrong answer.
+  model has seen such formats); wrong_answer_rate of them end in a wrong answer;
+  direct_answer_rate of the template documents give the answer without the worked
+  steps (the plain ones always work them out), so the base model knows how to
+  reason but, in the R1-Zero template, often answers at once.
   """
-  keys = dict(kind="pretrain", init="", r1_zero_fraction=0.3, wrong_answer_rate=0.0)
+  keys = dict(kind="pretrain", init="", r1_zero_fraction=0.3, wrong_answer_rate=0.0,
+              direct_answer_rate=0.0)
   keys.update(_train_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
 
@@ -158,6 +162,9 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
                      "data-parallel devices")
   if "student" in sc:
     ModelConfig(**sc.student.to_dict())
+  for key in ("r1_zero_fraction", "wrong_answer_rate", "direct_answer_rate"):
+    if key in sc and not 0.0 <= sc[key] <= 1.0:
+      raise ValueError(f"{key}={sc[key]} is not a fraction in [0, 1]")
   if sc.kind == "grpo":
     from r1jax.rewards import RewardSpec
     from r1jax.rl.step import GRPOConfig
@@ -196,6 +203,34 @@ def experiment(path: str) -> types.ModuleType:
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def split_variant(arg: str | None, variants: tuple[str, ...]) -> tuple[str, bool]:
+  """An ablation file's argument, "<variant>[,smoke]" (either part optional).
+
+  Returns (variant, smoke); the variant defaults to the first of `variants`."""
+  parts = [p for p in (arg or "").split(",") if p]
+  rest = [p for p in parts if p != "smoke"]
+  if len(rest) > 1 or (rest and rest[0] not in variants):
+    raise ValueError(f"config argument {arg!r}: expected one of {list(variants)}, "
+                     "optionally followed by ',smoke'")
+  return (rest[0] if rest else variants[0]), "smoke" in parts
+
+
+def ablation(arg: str | None, variants: tuple[str, ...], apply,
+             base: str = "r1_zero/tiny.py") -> ml_collections.ConfigDict:
+  """The config of one ablation arm: `base`'s, changed by `apply(c, variant)`.
+
+  `arg` is "<variant>[,smoke]"; smoke shrinks the run the way the tiny
+  experiments' `shrink` does (after the variant is applied)."""
+  variant, smoke = split_variant(arg, variants)
+  c = experiment(base).get_config()
+  with c.unlocked():
+    apply(c, variant)
+    if smoke:
+      experiment("r1_zero/tiny.py").shrink(c)
+  c.lock()
+  return c
 
 
 def with_model_preset(c: ml_collections.ConfigDict, preset: str, **overrides) -> None:

@@ -47,7 +47,7 @@ class Context:
     tok_path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
     corpus = [p + r for name in tokenizer_lib.TEMPLATES
               for p, r in pipelines.sft_pairs(train, name)]
-    corpus += [pretrain_document(e, "plain") for e in train]
+    corpus += [pretrain_document(e, "plain") for e in train] + list(_DIRECT.values())
     tok = tokenizer_lib.train_or_load(tok_path, corpus, c.data.vocab_size)
     model_cfg = configs.model_config(c)
     if tok.vocab_size > model_cfg.vocab_size:
@@ -111,13 +111,16 @@ def load_splits(c: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
 
 
 def pretrain_document(example: dict, style: str, rng: random.Random | None = None,
-                      wrong_answer_rate: float = 0.0) -> str:
-  """A problem with its worked solution as plain text, the way a web corpus would hold it.
+                      wrong_answer_rate: float = 0.0, direct_answer_rate: float = 0.0) -> str:
+  """A problem with its solution as plain text, the way a web corpus would hold it.
 
   style "plain": "Question: … Solution: … The answer is X."; "r1_zero": the R1-Zero
   template filled in. With `wrong_answer_rate`, that share of documents ends in a
-  wrong final answer (web text has mistakes), so a base model trained on them
-  is right only most of the time and RL has something to fix.
+  wrong final answer (web text has mistakes). With `direct_answer_rate`, that
+  share states the answer without working it out (the reasoning is one fixed
+  sentence), as much of the web does: a base model trained on both kinds
+  sometimes reasons and sometimes blurts out an answer, and the blurted answers
+  to multi-step problems are mostly wrong, which is what RL can learn to avoid.
   """
   answer = example["answer"]
   cot = example["cot"]
@@ -126,12 +129,21 @@ def pretrain_document(example: dict, style: str, rng: random.Random | None = Non
     head, found, tail = cot.rpartition(answer)  # the final statement of the answer
     cot = head + wrong + tail if found else cot
     answer = wrong
+  direct = rng is not None and direct_answer_rate and rng.random() < direct_answer_rate
+  if direct:
+    cot = _DIRECT.get(example.get("language", "en"), _DIRECT["en"])
   if style == "r1_zero":
     return (tokenizer_lib.r1_zero_prompt(example["question"]) +
             tokenizer_lib.r1_zero_response(cot, answer))
   if style == "plain":
+    if direct:
+      return f"Question: {example['question']}\nThe answer is {answer}."
     return f"Question: {example['question']}\nSolution: {cot}\nThe answer is {answer}."
   raise ValueError(f"unknown pretrain document style {style!r}; use 'plain' or 'r1_zero'")
+
+
+# The whole "reasoning" of a document that answers directly, per language.
+_DIRECT = {"en": "I will answer directly.", "zh": "直接回答。"}
 
 
 def _perturb(answer: str, rng: random.Random) -> str:

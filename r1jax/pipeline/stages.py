@@ -107,8 +107,12 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   rng = random.Random(ctx.c.seed)
 
   def rows(examples):
-    docs = [pretrain_document(e, "r1_zero" if rng.random() < sc.r1_zero_fraction else "plain",
-                              rng, sc.wrong_answer_rate) for e in examples]
+    docs = []
+    for e in examples:
+      template = rng.random() < sc.r1_zero_fraction
+      docs.append(pretrain_document(e, "r1_zero" if template else "plain", rng,
+                                    sc.wrong_answer_rate,
+                                    sc.direct_answer_rate if template else 0.0))
     return pack_documents(ctx.tok, docs, sc.seq_len)
 
   cfg, params = _init(ctx, sc, inputs)
