@@ -29,6 +29,10 @@ setuptools.setup(
         "dev": [
             "pytest>=8",
             "hypothesis>=6.100",
+            # notebooks/ run headless in the test suite
+            "nbformat>=5.9",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
         ],
     },
     entry_points={"console_scripts": ["r1jax=r1jax.main:run"]},

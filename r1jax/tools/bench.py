@@ -1,7 +1,15 @@
 """Benchmarks that print one JSON line each.
 
+  python -m r1jax.tools.bench train --config=medium --batch=8 --seq=256 [--compare-hf]
   python -m r1jax.tools.bench rollout --config=tiny --batch=8 --prompt=32 --new=128
   python -m r1jax.tools.bench moe --config=medium --tokens=2048 --top_k=4 --experts=8,16,32,64
+  python -m r1jax.tools.bench roof --size=2048
+
+`train` reports tokens/s and model FLOP utilisation (MFU) against the matmul
+rate that `roof` measures, in the same process, dtype and device.
+`--compare-hf` (train only) also times Hugging Face's DeepseekV3ForCausalLM
+on the identical config with torch, when torch and transformers are
+installed (they are never required), and prints the ratio.
 
 Commands live in `COMMANDS` (name -> flag declarer, runner); add one there.
 Times are measured after a warm-up call, so compilation is reported apart.
@@ -21,7 +29,7 @@ import numpy as np
 
 from r1jax.model import ModelConfig, cache_bytes_per_token, init_params, logical_axes, param_counts
 from r1jax.model.moe import MoE
-from r1jax.parallel.mesh import logical_sharding, make_mesh
+from r1jax.parallel.mesh import batch_sharding, logical_sharding, make_mesh
 from r1jax.rl.rollout import sample
 
 
@@ -52,6 +60,120 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
   for _ in range(repeats):
     jax.block_until_ready(fn())
   return first, (time.perf_counter() - t0) / repeats
+
+
+# ----------------------------------------------------------------------------
+# roof: what one large matmul reaches here (the denominator of MFU)
+
+def _roof_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--size", type=int, default=2048, help="n of the n×n @ n×n matmul")
+  p.add_argument("--repeats", type=int, default=5)
+
+
+def matmul_flops_per_s(n: int, dtype, repeats: int = 5) -> float:
+  """FLOP/s of an n×n by n×n matmul in `dtype` on the default device."""
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+  b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+  mm = jax.jit(jnp.matmul)
+  _, mean = _timed(lambda: mm(a, b), repeats)
+  return 2 * n ** 3 / mean
+
+
+def _roof(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+  rate = matmul_flops_per_s(args.size, jnp.dtype(cfg.dtype), args.repeats)
+  return {"size": args.size, "dtype": cfg.dtype, "matmul_tflops": round(rate / 1e12, 4)}
+
+
+# ----------------------------------------------------------------------------
+# train: one full training step (forward, backward, AdamW, bias update)
+
+def _train_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--roof_size", type=int, default=2048, help="matmul size of the MFU roof")
+  p.add_argument("--compare-hf", dest="compare_hf", action="store_true",
+                 help="also time transformers' DeepSeek-V3 on the same config (torch)")
+
+
+def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+  """Model FLOPs per trained token: 6 × the matmul weights a token uses (activated,
+  embedding lookup excluded, output head included) plus causal attention's
+  scores and weighted sum (on average seq/2 keys, ×3 for the backward pass)."""
+  counts = param_counts(cfg)
+  weights = counts["activated_no_embed"] + cfg.d_model * cfg.vocab_size
+  attention = 3 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq
+  return 6 * weights + attention
+
+
+def _train(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+  from r1jax.train import optim, sft
+  ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=1, total_steps=1000)
+  optimizer = optim.make_optimizer(ocfg)
+  mesh = make_mesh(tuple(int(s) for s in args.mesh.split(","))) if args.mesh else None
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  B, T = args.batch, args.seq
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 3, cfg.vocab_size, jnp.int32)
+  batch = {"tokens": tokens, "loss_mask": jnp.ones((B, T), jnp.int32),
+           "valid": jnp.ones((B, T), jnp.int32)}
+  if mesh is not None:
+    params = jax.device_put(params, logical_sharding(mesh, logical_axes(cfg)))
+    batch = jax.device_put(batch, batch_sharding(mesh))
+  state = sft.init_state(params, optimizer)
+  step = jax.jit(sft.make_train_step(cfg, optimizer), donate_argnums=0)
+  holder = [state]
+
+  def run():
+    holder[0], m = step(holder[0], batch)
+    return m["loss"]
+
+  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+    first, mean = _timed(run, args.repeats)
+  tokens_per_s = B * T / mean
+  flops = train_flops_per_token(cfg, T)
+  roof = matmul_flops_per_s(args.roof_size, jnp.dtype(cfg.dtype))
+  out = {"batch": B, "seq": T, "step_s": round(mean, 4), "compile_s": round(first - mean, 2),
+         "tokens_per_s": round(tokens_per_s, 1),
+         "model_tflops_per_s": round(tokens_per_s * flops / 1e12, 4),
+         "roof_tflops": round(roof / 1e12, 4),
+         "mfu": round(tokens_per_s * flops / roof / (mesh.size if mesh is not None else 1), 4)}
+  if args.compare_hf:
+    out.update(_hf_train(cfg, B, T, args.repeats, tokens_per_s))
+  return out
+
+
+def _hf_train(cfg: ModelConfig, B: int, T: int, repeats: int, ours_tokens_per_s: float) -> dict:
+  """The same step in transformers' DeepseekV3ForCausalLM (torch, AdamW), if installed."""
+  try:
+    import torch
+    import transformers
+  except ImportError:
+    return {"hf": "skipped: torch and transformers are not installed (pip install torch "
+                  "transformers)"}
+  from r1jax.interop.hf import config_to_hf
+  hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in config_to_hf(cfg).items()
+                                             if k not in ("architectures", "model_type",
+                                                          "torch_dtype")})
+  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+  model = transformers.DeepseekV3ForCausalLM(hf_cfg).to(dtype)
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+  ids = torch.randint(3, cfg.vocab_size, (B, T))
+
+  def step():
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+  step()
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    step()
+  hf_s = (time.perf_counter() - t0) / repeats
+  return {"hf_step_s": round(hf_s, 4), "hf_tokens_per_s": round(B * T / hf_s, 1),
+          "hf_threads": torch.get_num_threads(), "transformers": transformers.__version__,
+          "speedup_vs_hf": round(ours_tokens_per_s / (B * T / hf_s), 2)}
 
 
 # ----------------------------------------------------------------------------
@@ -154,8 +276,10 @@ def _moe(args: argparse.Namespace, cfg: ModelConfig) -> dict:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace, ModelConfig], dict]]] = {
+    "train": (_train_flags, _train),
     "rollout": (_rollout_flags, _rollout),
     "moe": (_moe_flags, _moe),
+    "roof": (_roof_flags, _roof),
 }
 
 

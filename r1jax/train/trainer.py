@@ -100,4 +100,7 @@ def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dic
   summary = {"steps": int(state.step), "eval_loss_before": initial_eval,
              "eval_loss_after": final_eval, "final_loss": last.get("loss", float("nan")),
              "train_rows": int(len(rows["tokens"]))}
+  # The router's balance at the end (V3's MaxVio_batch of the last logged step).
+  summary.update({f"final_{k}": float(last[k]) for k in ("max_vio", "balance_loss")
+                  if k in last})
   return state.params, summary

@@ -1,0 +1,164 @@
+"""Runs every arm of an ablation file, one after another, or submits them to a pod.
+
+  python -m r1jax.tools.sweep --ablation=experiments/ablations/group_size.py \
+      --workdir=/tmp/abl [--variants=G4,G16] [--smoke]
+  python -m r1jax.tools.sweep --ablation=experiments/ablations/kl_beta.py \
+      --workdir=gs://bucket/abl --submit=tpu_pod [--dry_run] -- --tpu=... --zone=...
+
+An ablation file holds `VARIANTS` (arm names, the reference arm first) and a
+`get_config("<arm>[,smoke]")`. Arm `a` runs in `<workdir>/<ablation>/<a>`.
+Locally, a stage whose settings (and everything upstream of it: seed, data,
+model, mesh) equal those of an arm that already finished it is copied from that
+arm instead of being trained again, so the GRPO ablations pretrain their base
+model once. At the end `<workdir>/<ablation>/sweep.json` holds each arm's
+summary and a table of the headline numbers is printed; `notebooks/results.ipynb`
+plots the arms against each other. With `--submit`, each arm becomes one
+`launch/<launcher>.py --config=<file>:<arm> --workdir=…` command (arguments after
+`--` go to the launcher), run in turn or, with --dry_run, printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from absl import app, flags
+
+_ABLATION = flags.DEFINE_string("ablation", None, "An ablation file (experiments/ablations/*.py).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root directory; each arm gets a subfolder.")
+_VARIANTS = flags.DEFINE_list("variants", None, "Arms to run (default: all, in file order).")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Shrink every arm to a couple of steps.")
+_SUBMIT = flags.DEFINE_enum("submit", None, ["local", "tpu_pod", "slurm"],
+                            "Run each arm through launch/<launcher>.py instead of in-process.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --submit: print the commands only.")
+flags.mark_flags_as_required(["ablation", "workdir"])
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The headline numbers of the printed table, where a stage reports them.
+COLUMNS = ("accuracy_before", "accuracy_after", "format_after", "language_after",
+           "response_len_after", "final_max_vio", "final_loss", "wall_s")
+
+
+def arm_arg(variant: str, smoke: bool) -> str:
+  return f"{variant},smoke" if smoke else variant
+
+
+def _same_globals(a, b) -> bool:
+  return all(a[k].to_dict() == b[k].to_dict() if hasattr(a[k], "to_dict") else a[k] == b[k]
+             for k in a.keys() if k not in ("pipeline", "stages"))
+
+
+def reusable(c, name: str, other, finished: set[str]) -> bool:
+  """Whether stage `name` of config `c` would compute exactly what `other` computed."""
+  from r1jax.pipeline import validate
+  if name not in other.stages or name not in finished or not _same_globals(c, other):
+    return False
+  if c.stages[name].to_dict() != other.stages[name].to_dict():
+    return False
+  return all(reusable(c, ref, other, finished) for ref in validate.stage_refs(c.stages[name]))
+
+
+def copy_stage(src_workdir: str, dst_workdir: str, name: str) -> None:
+  """Copies a finished stage, pointing the paths in its outputs at the copy."""
+  src, dst = os.path.join(src_workdir, name), os.path.join(dst_workdir, name)
+  os.makedirs(dst_workdir, exist_ok=True)
+  shutil.copytree(src, dst)
+  for extra in ("tokenizer.model",):
+    if os.path.exists(os.path.join(src_workdir, extra)) and not os.path.exists(
+        os.path.join(dst_workdir, extra)):
+      shutil.copy(os.path.join(src_workdir, extra), os.path.join(dst_workdir, extra))
+  path = os.path.join(dst, "outputs.json")
+  with open(path) as f:
+    outputs = json.load(f)
+  for k, v in outputs.items():
+    if isinstance(v, str) and v.startswith(src + os.sep):
+      outputs[k] = dst + v[len(src):]
+  outputs["reused_from"] = src
+  with open(path, "w") as f:
+    json.dump(outputs, f, indent=1, sort_keys=True)
+
+
+def run_local(module, path: str, variants: list[str], root: str, smoke: bool) -> dict:
+  from r1jax.pipeline import runner
+  done: list[tuple[object, str, set[str]]] = []  # (config, workdir, finished stages)
+  summaries = {}
+  for v in variants:
+    arg = arm_arg(v, smoke)
+    c = module.get_config(arg)
+    wd = os.path.join(root, v)
+    for name in c.pipeline:
+      if runner.stage_outputs(wd, name) is not None:
+        continue
+      for other, other_wd, finished in done:
+        if reusable(c, name, other, finished):
+          print(f"[sweep] {v}: stage {name} reused from {other_wd}", flush=True)
+          copy_stage(other_wd, wd, name)
+          break
+    print(f"[sweep] {v}: {path}:{arg} -> {wd}", flush=True)
+    results = runner.run(c, wd)
+    done.append((c, wd, set(results)))
+    summaries[v] = {name: {k: val for k, val in out.items() if k not in ("checkpoint", "dataset",
+                                                                            "model", "student")}
+                    for name, out in results.items()}
+  return summaries
+
+
+def table(summaries: dict) -> str:
+  """One row per (arm, stage), the headline numbers as columns (markdown)."""
+  lines = ["| arm | stage | " + " | ".join(COLUMNS) + " |",
+           "|---|---|" + "---|" * len(COLUMNS)]
+  for arm, stages in summaries.items():
+    for name, out in stages.items():
+      cells = [f"{out[k]:.3f}" if isinstance(out.get(k), (int, float)) else ""
+               for k in COLUMNS]
+      lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def submit_commands(path: str, variants: list[str], root: str, launcher: str, smoke: bool,
+                    extra: list[str]) -> list[list[str]]:
+  out = []
+  for v in variants:
+    cfg, wd = f"--config={path}:{arm_arg(v, smoke)}", os.path.join(root, v)
+    if launcher == "local":  # one process per arm, this machine
+      out.append([sys.executable, "-m", "r1jax.main", cfg, f"--workdir={wd}", *extra])
+    else:
+      out.append([sys.executable, os.path.join(ROOT, "launch", f"{launcher}.py"), cfg,
+                  f"--workdir={wd}", *extra])
+  return out
+
+
+def main(argv):
+  from r1jax import configs
+  path = _ABLATION.value
+  module = configs.experiment(path)
+  if not hasattr(module, "VARIANTS"):
+    raise app.UsageError(f"{path} has no VARIANTS; is it an ablation file?")
+  variants = _VARIANTS.value or list(module.VARIANTS)
+  unknown = [v for v in variants if v not in module.VARIANTS]
+  if unknown:
+    raise app.UsageError(f"--variants: {unknown} not in {list(module.VARIANTS)}")
+  name = os.path.splitext(os.path.basename(path))[0]
+  root = _WORKDIR.value.rstrip("/") + "/" + name
+  if _SUBMIT.value:
+    for cmd in submit_commands(path, variants, root, _SUBMIT.value, _SMOKE.value, argv[1:]):
+      if _DRY_RUN.value:
+        print(" ".join(cmd))
+      else:
+        subprocess.run(cmd, check=True)
+    return
+  if _DRY_RUN.value:
+    raise app.UsageError("--dry_run needs --submit")
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]} (launcher arguments need --submit)")
+  summaries = run_local(module, path, variants, root, _SMOKE.value)
+  with open(os.path.join(root, "sweep.json"), "w") as f:
+    json.dump({"ablation": path, "arms": summaries}, f, indent=1, sort_keys=True)
+  print(table(summaries), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,66 @@
+"""Ablation files: every arm validates and differs; the sweep reuses shared stages."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from r1jax import configs
+from r1jax.pipeline import validate
+from r1jax.tools import sweep
+from tests.experiment_loader import ROOT
+
+ABLATIONS = sorted(glob.glob(os.path.join(ROOT, "experiments", "ablations", "*.py")))
+
+
+def test_there_are_at_least_six_ablations():
+  assert len(ABLATIONS) >= 6
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=os.path.basename)
+def test_every_arm_validates_and_the_arms_differ(path):
+  module = configs.experiment(path)
+  seen = []
+  for v in module.VARIANTS:
+    for arg in (v, f"{v},smoke"):
+      c = module.get_config(arg)
+      validate.validate(c, n_devices=configs.mesh_devices(c))
+    c = module.get_config(v).to_dict()
+    assert c not in seen, f"arm {v} of {path} equals an earlier arm"
+    seen.append(c)
+  assert module.get_config().to_dict() == seen[0]  # no argument: the reference arm
+
+
+def test_bad_arm_is_a_one_line_error():
+  module = configs.experiment(os.path.join(ROOT, "experiments/ablations/kl_beta.py"))
+  with pytest.raises(ValueError, match=r"b7.*expected one of \['b1e-3'"):
+    module.get_config("b7")
+
+
+def test_sweep_reuses_the_shared_pretrain_and_writes_a_table(tmp_path):
+  path = os.path.join(ROOT, "experiments/ablations/kl_beta.py")
+  module = configs.experiment(path)
+  summaries = sweep.run_local(module, path, ["b1e-3", "b0"], str(tmp_path), smoke=True)
+  with open(tmp_path / "b0" / "pretrain" / "outputs.json") as f:
+    reused = json.load(f)
+  assert reused["reused_from"] == str(tmp_path / "b1e-3" / "pretrain")
+  assert reused["checkpoint"].startswith(str(tmp_path / "b0" / "pretrain"))
+  assert "reused_from" not in json.load(open(tmp_path / "b0" / "grpo" / "outputs.json"))
+  for arm in ("b1e-3", "b0"):
+    assert 0.0 <= summaries[arm]["grpo"]["accuracy_after"] <= 1.0
+  text = sweep.table(summaries)
+  assert text.count("\n") == 1 + 4 and "| b0 | grpo |" in text
+
+
+def test_sweep_submit_dry_run_prints_one_launch_per_arm(tmp_path):
+  out = subprocess.run(
+      [sys.executable, "-m", "r1jax.tools.sweep", "--ablation=experiments/ablations/clip_higher.py",
+       f"--workdir={tmp_path}", "--submit=slurm", "--dry_run", "--", "--nodes=2"],
+      cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+  assert len(out) == 3
+  for line, arm in zip(out, ("sym", "higher", "much_higher")):
+    assert line.endswith(f"launch/slurm.py --config=experiments/ablations/clip_higher.py:{arm} "
+                         f"--workdir={tmp_path}/clip_higher/{arm} --nodes=2")
