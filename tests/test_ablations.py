@@ -51,6 +51,12 @@ def test_sweep_reuses_the_shared_pretrain_and_writes_a_table(tmp_path):
   assert "reused_from" not in json.load(open(tmp_path / "b0" / "grpo" / "outputs.json"))
   for arm in ("b1e-3", "b0"):
     assert 0.0 <= summaries[arm]["grpo"]["accuracy_after"] <= 1.0
+  # A later sweep may start from these arms' runs: config.json says what they were.
+  other, _, finished = sweep.earlier_run(str(tmp_path / "b1e-3"))
+  assert finished == {"pretrain", "grpo"}
+  b0 = module.get_config("b0,smoke")
+  assert sweep.reusable(b0, "pretrain", other, finished)
+  assert not sweep.reusable(b0, "grpo", other, finished)
   text = sweep.table(summaries)
   assert text.count("\n") == 1 + 4 and "| b0 | grpo |" in text
 

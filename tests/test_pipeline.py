@@ -102,3 +102,20 @@ def test_bad_config_flag_is_a_one_line_error(tmp_path):
   assert out.returncode != 0
   lines = [l for l in out.stderr.splitlines() if "bad config" in l]
   assert lines and "stages.grpo.init: 'later' is not an earlier stage" in lines[0]
+
+
+def test_format_reward_follows_the_template():
+  """An R1-chat completion starts inside <think> and ends in \\boxed{}: the format
+  reward must use R1's shape there, and the R1-Zero tags for R1-Zero prompts."""
+  from r1jax.data import tokenizer as tokenizer_lib
+  from r1jax.pipeline import stages
+  from r1jax.rewards import make_reward_fn, RewardSpec
+  example = {"answer": "12", "match": "exact", "language": "en"}
+  for template, other in (("r1_chat", "r1_zero"), ("r1_zero", "r1_chat")):
+    completion = tokenizer_lib.get_template(template).response("7 + 5 = 12.", "12")
+    reward = make_reward_fn(RewardSpec.create(stages.reward_terms([("format", 1.0)], template)))
+    assert reward(completion, example) == 1.0, template
+    wrong = make_reward_fn(RewardSpec.create(stages.reward_terms([("format", 1.0)], other)))
+    assert wrong(completion, example) == 0.0, template
+  explicit = stages.reward_terms([("format", 1.0, {"partial": True})], "r1_chat")
+  assert explicit == [("format", 1.0, {"partial": True})]  # options given are kept

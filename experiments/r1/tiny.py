@@ -30,7 +30,7 @@ def get_config(arg: str | None = None):
         steps=20, **rl)
     c.stages.reasoning_rl.grpo.update(dict(group_size=8, prompts_per_step=16, n_minibatches=2,
                                            ref_reset_every=0))
-    c.stages.reasoning_rl.optim.update(dict(learning_rate=5e-4, warmup_steps=2,
+    c.stages.reasoning_rl.optim.update(dict(learning_rate=1e-4, warmup_steps=2,
                                             total_steps=40, weight_decay=0.0))
     c.stages.rejection = configs.rejection_sample_stage(
         init="stage:reasoning_rl", template=template, prompts=512, samples_per_prompt=4,
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
         steps=10, **rl)
     c.stages.alignment_rl.grpo.update(dict(group_size=8, prompts_per_step=16, n_minibatches=2,
                                            temperature=0.7, ref_reset_every=0))
-    c.stages.alignment_rl.optim.update(dict(learning_rate=3e-4, warmup_steps=1,
+    c.stages.alignment_rl.optim.update(dict(learning_rate=1e-4, warmup_steps=1,
                                             total_steps=20, weight_decay=0.0))
     if arg == "smoke":
       zero.shrink(c)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import sentencepiece as spm
 
@@ -48,11 +48,15 @@ def r1_chat_response(cot: str, answer: str) -> str:
 class Template:
   prompt: Callable[[str], str]  # question -> prompt text
   response: Callable[[str, str], str]  # (cot, answer) -> target text for SFT
+  # The format reward's options for completions of this template's prompts.
+  format_options: tuple[tuple[str, Any], ...] = ()
 
 
 TEMPLATES: dict[str, Template] = {
-    "r1_zero": Template(r1_zero_prompt, r1_zero_response),
-    "r1_chat": Template(r1_chat_prompt, r1_chat_response),
+    "r1_zero": Template(r1_zero_prompt, r1_zero_response, (("mode", "r1_zero"),)),
+    # The prompt opens <think>, and R1 answers in a \boxed{} after </think>.
+    "r1_chat": Template(r1_chat_prompt, r1_chat_response,
+                        (("mode", "r1"), ("think_in_prompt", True))),
 }
 
 

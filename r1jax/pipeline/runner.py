@@ -54,6 +54,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None =
   from r1jax.pipeline import report
   os.makedirs(workdir, exist_ok=True)
   ctx = context_lib.Context.create(c, workdir)
+  if ctx.is_main_process:  # what produced this workdir (the sweep's reuse reads it too)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(c.to_json_best_effort(indent=1, sort_keys=True))
   registry = _registry()
   results: dict[str, dict] = {}
   for name in c.pipeline:

@@ -15,6 +15,7 @@ import numpy as np
 
 from r1jax import configs
 from r1jax.data import pipelines
+from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, param_counts
 from r1jax.pipeline.context import Context, jsonable, pretrain_document, write_jsonl
 from r1jax.rewards import RewardEvaluator, RewardSpec
@@ -179,6 +180,20 @@ def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, te
 EVAL_REWARDS = (("accuracy", 1.0), ("format", 1.0), ("language", 1.0))
 
 
+def reward_terms(terms, template: str) -> list[tuple]:
+  """Reward terms with the template's format options filled in where a "format"
+  term names none (an R1-chat completion starts inside <think> and ends in a
+  \\boxed{} answer; an R1-Zero one uses the tags)."""
+  options = dict(tokenizer_lib.get_template(template).format_options)
+  out = []
+  for t in terms:
+    t = tuple(t)
+    if t[0] == "format" and len(t) == 2 and options:
+      t = (t[0], t[1], options)
+    out.append(t)
+  return out
+
+
 def evaluate(ctx: Context, cfg: ModelConfig, params, sc, *, template: str, max_prompt_len: int,
              max_new_tokens: int, seed: int) -> dict:
   """Held-out accuracy, format and language scores (means in [0, 1]) and lengths."""
@@ -188,7 +203,7 @@ def evaluate(ctx: Context, cfg: ModelConfig, params, sc, *, template: str, max_p
                   max_new_tokens=max_new_tokens, batch_rows=_rows(ctx, len(examples) *
                                                                   sc.eval_samples),
                   seed=seed)
-  with RewardEvaluator(RewardSpec.create(list(EVAL_REWARDS))) as ev:
+  with RewardEvaluator(RewardSpec.create(reward_terms(EVAL_REWARDS, template))) as ev:
     _, per, _ = ev([g["completion"] for g in gens], [g["example"] for g in gens])
   return {"accuracy": float(np.mean(per["accuracy"])), "format": float(np.mean(per["format"])),
           "language": float(np.mean(per["language"])),
@@ -220,7 +235,7 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   ctx.log(f"  held-out before: accuracy {before['accuracy']:.3f}  format {before['format']:.3f}")
   examples, dropped = pipelines.prompt_examples(ctx.tok, ctx.train_examples, template=sc.template,
                                                 max_prompt_len=g.max_prompt_len, seed=ctx.c.seed)
-  spec = RewardSpec.create([tuple(t) for t in sc.rewards], timeout_s=sc.reward_timeout_s,
+  spec = RewardSpec.create(reward_terms(sc.rewards, sc.template), timeout_s=sc.reward_timeout_s,
                            num_workers=sc.reward_workers)
   with RewardEvaluator(spec) as evaluator:
     step_fn = GRPOStep(cfg, g, ocfg, evaluator, decode=ctx.tok.decode, eos_id=ctx.tok.eos_id,
@@ -270,7 +285,7 @@ def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: st
                   samples=sc.samples_per_prompt, temperature=sc.temperature, top_p=sc.top_p,
                   max_prompt_len=sc.max_prompt_len, max_new_tokens=sc.max_new_tokens,
                   batch_rows=sc.batch_rows, seed=seed)
-  with RewardEvaluator(RewardSpec.create(list(FILTER_REWARDS))) as ev:
+  with RewardEvaluator(RewardSpec.create(reward_terms(FILTER_REWARDS, sc.template))) as ev:
     _, per, _ = ev([g["completion"] for g in gens], [g["example"] for g in gens])
   kept, per_prompt = [], {}
   reasons = {"wrong": 0, "format": 0, "language": 0, "repetitive": 0, "unfinished": 0,

@@ -11,10 +11,12 @@ Locally, a stage whose settings (and everything upstream of it: seed, data,
 model, mesh) equal those of an arm that already finished it is copied from that
 arm instead of being trained again, so the GRPO ablations pretrain their base
 model once. At the end `<workdir>/<ablation>/sweep.json` holds each arm's
-summary and a table of the headline numbers is printed; `notebooks/results.ipynb`
-plots the arms against each other. With `--submit`, each arm becomes one
-`launch/<launcher>.py --config=<file>:<arm> --workdir=…` command (arguments after
-`--` go to the launcher), run in turn or, with --dry_run, printed.
+summary and a table of the headline numbers is printed; `--reuse_from` offers
+the finished stages of other runs (read from their `config.json`) the same way.
+`notebooks/results.ipynb` plots the arms against each other. With `--submit`,
+each arm becomes one `launch/<launcher>.py --config=<file>:<arm> --workdir=…`
+command (arguments after `--` go to the launcher), run in turn or, with
+--dry_run, printed.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "Shrink every arm to a couple of step
 _SUBMIT = flags.DEFINE_enum("submit", None, ["local", "tpu_pod", "slurm"],
                             "Run each arm through launch/<launcher>.py instead of in-process.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --submit: print the commands only.")
+_REUSE_FROM = flags.DEFINE_list("reuse_from", [], "Earlier workdirs whose finished stages the "
+                                "arms may copy where the settings are equal (e.g. the main "
+                                "job's, for its pretrained base).")
 flags.mark_flags_as_required(["ablation", "workdir"])
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,9 +51,16 @@ def arm_arg(variant: str, smoke: bool) -> str:
   return f"{variant},smoke" if smoke else variant
 
 
+def _plain(v):
+  """A config value as JSON would hold it (tuples become lists), for comparing."""
+  return json.loads(v.to_json_best_effort() if hasattr(v, "to_json_best_effort")
+                    else json.dumps(v))
+
+
 def _same_globals(a, b) -> bool:
-  return all(a[k].to_dict() == b[k].to_dict() if hasattr(a[k], "to_dict") else a[k] == b[k]
-             for k in a.keys() if k not in ("pipeline", "stages"))
+  keys = set(a.keys()) | set(b.keys())
+  return all(k in a and k in b and _plain(a[k]) == _plain(b[k])
+             for k in keys if k not in ("pipeline", "stages"))
 
 
 def reusable(c, name: str, other, finished: set[str]) -> bool:
@@ -56,7 +68,7 @@ def reusable(c, name: str, other, finished: set[str]) -> bool:
   from r1jax.pipeline import validate
   if name not in other.stages or name not in finished or not _same_globals(c, other):
     return False
-  if c.stages[name].to_dict() != other.stages[name].to_dict():
+  if _plain(c.stages[name]) != _plain(other.stages[name]):
     return False
   return all(reusable(c, ref, other, finished) for ref in validate.stage_refs(c.stages[name]))
 
@@ -81,9 +93,21 @@ def copy_stage(src_workdir: str, dst_workdir: str, name: str) -> None:
     json.dump(outputs, f, indent=1, sort_keys=True)
 
 
-def run_local(module, path: str, variants: list[str], root: str, smoke: bool) -> dict:
+def earlier_run(workdir: str):
+  """(config, workdir, finished stages) of a finished or partial run, from its config.json."""
+  import ml_collections
   from r1jax.pipeline import runner
-  done: list[tuple[object, str, set[str]]] = []  # (config, workdir, finished stages)
+  with open(os.path.join(workdir, "config.json")) as f:
+    c = ml_collections.ConfigDict(json.load(f))
+  c.pipeline = tuple(c.pipeline)
+  return c, workdir, {s for s in c.pipeline if runner.stage_outputs(workdir, s) is not None}
+
+
+def run_local(module, path: str, variants: list[str], root: str, smoke: bool,
+              reuse_from: tuple[str, ...] = ()) -> dict:
+  from r1jax.pipeline import runner
+  # (config, workdir, finished stages) of the runs an arm may copy from.
+  done: list[tuple[object, str, set[str]]] = [earlier_run(w) for w in reuse_from]
   summaries = {}
   for v in variants:
     arg = arm_arg(v, smoke)
@@ -154,7 +178,7 @@ def main(argv):
     raise app.UsageError("--dry_run needs --submit")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]} (launcher arguments need --submit)")
-  summaries = run_local(module, path, variants, root, _SMOKE.value)
+  summaries = run_local(module, path, variants, root, _SMOKE.value, tuple(_REUSE_FROM.value))
   with open(os.path.join(root, "sweep.json"), "w") as f:
     json.dump({"ablation": path, "arms": summaries}, f, indent=1, sort_keys=True)
   print(table(summaries), flush=True)
