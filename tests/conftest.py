@@ -33,3 +33,13 @@ def tiny_forward(tiny_cfg):
   model = Transformer(tiny_cfg)
   return jax.jit(lambda p, tok, pos=None, valid=None: model.apply(
       {"params": p}, tok, pos, valid, return_aux=True))
+
+
+@pytest.fixture(scope="session")
+def zero_run(tmp_path_factory):
+  """The main job's smoke run, once per session: (workdir, results). Read-only."""
+  from r1jax.pipeline import runner
+  from tests.experiment_loader import load_config
+  workdir = str(tmp_path_factory.mktemp("r1_zero"))
+  c = load_config("experiments/r1_zero/tiny.py", "smoke")
+  return workdir, runner.run(c, workdir)

@@ -40,23 +40,32 @@ def test_bad_arm_is_a_one_line_error():
     module.get_config("b7")
 
 
-def test_sweep_reuses_the_shared_pretrain_and_writes_a_table(tmp_path):
+def test_sweep_reuses_equal_stages_and_writes_a_table(tmp_path, zero_run):
+  """Arm b1e-3 is the main job itself: both its stages are copied from the main
+  job's run; arm b0 copies the pretraining and runs its own GRPO."""
+  zero_dir, _ = zero_run
   path = os.path.join(ROOT, "experiments/ablations/kl_beta.py")
   module = configs.experiment(path)
-  summaries = sweep.run_local(module, path, ["b1e-3", "b0"], str(tmp_path), smoke=True)
-  with open(tmp_path / "b0" / "pretrain" / "outputs.json") as f:
-    reused = json.load(f)
-  assert reused["reused_from"] == str(tmp_path / "b1e-3" / "pretrain")
-  assert reused["checkpoint"].startswith(str(tmp_path / "b0" / "pretrain"))
-  assert "reused_from" not in json.load(open(tmp_path / "b0" / "grpo" / "outputs.json"))
+  summaries = sweep.run_local(module, path, ["b1e-3", "b0"], str(tmp_path), smoke=True,
+                              reuse_from=(zero_dir,))
+
+  def outputs(arm, stage):
+    with open(tmp_path / arm / stage / "outputs.json") as f:
+      return json.load(f)
+
+  assert outputs("b1e-3", "grpo")["reused_from"] == os.path.join(zero_dir, "grpo")
+  pre = outputs("b0", "pretrain")
+  assert pre["reused_from"] == os.path.join(zero_dir, "pretrain")
+  assert pre["checkpoint"].startswith(str(tmp_path / "b0" / "pretrain"))
+  assert "reused_from" not in outputs("b0", "grpo")
   for arm in ("b1e-3", "b0"):
     assert 0.0 <= summaries[arm]["grpo"]["accuracy_after"] <= 1.0
   # A later sweep may start from these arms' runs: config.json says what they were.
-  other, _, finished = sweep.earlier_run(str(tmp_path / "b1e-3"))
+  other, _, finished = sweep.earlier_run(str(tmp_path / "b0"))
   assert finished == {"pretrain", "grpo"}
-  b0 = module.get_config("b0,smoke")
-  assert sweep.reusable(b0, "pretrain", other, finished)
-  assert not sweep.reusable(b0, "grpo", other, finished)
+  b1 = module.get_config("b1e-3,smoke")
+  assert sweep.reusable(b1, "pretrain", other, finished)
+  assert not sweep.reusable(b1, "grpo", other, finished)
   text = sweep.table(summaries)
   assert text.count("\n") == 1 + 4 and "| b0 | grpo |" in text
 

@@ -14,13 +14,6 @@ from r1jax.train.metrics import read_jsonl
 from tests.experiment_loader import ROOT, load_config
 
 
-@pytest.fixture(scope="module")
-def zero_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("r1_zero"))
-  c = load_config("experiments/r1_zero/tiny.py", "smoke")
-  return workdir, runner.run(c, workdir)
-
-
 def test_r1_zero_smoke_writes_every_artifact(zero_run):
   workdir, results = zero_run
   assert list(results) == ["pretrain", "grpo"]
