@@ -24,6 +24,9 @@ setuptools.setup(
         "matplotlib>=3.8",
         "tqdm>=4.66",
         "tensorboardX>=2.6",
+        # Workdirs on GCS (gs://…, as TPU VMs use): etils.epath reaches them through gcsfs.
+        "etils[epath,epath-gcs]>=1.7",
+        "gcsfs>=2024.2",
     ],
     extras_require={
         "dev": [
@@ -33,6 +36,8 @@ setuptools.setup(
             "nbformat>=5.9",
             "nbclient>=0.10",
             "ipykernel>=6.29",
+            # gs:// tests: a local GCS emulator (tests/gcs.py)
+            "gcp-storage-emulator>=2026.7",
         ],
     },
     entry_points={"console_scripts": ["r1jax=r1jax.main:run"]},

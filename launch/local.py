@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 
 def free_port() -> int:
@@ -86,14 +87,33 @@ def main(argv: list[str] | None = None) -> int:
         remaining.remove(p)
         if rc and not status:
           status = rc
-          for q in remaining:  # one failed: the others would wait on it forever
-            os.killpg(q.pid, signal.SIGTERM)
+          _stop(remaining)  # one failed: the others would wait on it forever
+          remaining = []
   except KeyboardInterrupt:
-    for p in procs:
-      if p.poll() is None:
-        os.killpg(p.pid, signal.SIGTERM)
+    _stop([p for p in procs if p.poll() is None])
     status = 130
   return status
+
+
+def _stop(procs: list, grace_s: float = 5.0) -> None:
+  """SIGTERM, then SIGKILL after `grace_s`: jax.distributed takes SIGTERM as a
+  preemption notice and keeps going until its peers' heartbeats time out."""
+  for p in procs:
+    _signal(p, signal.SIGTERM)
+  deadline = time.monotonic() + grace_s
+  for p in procs:
+    try:
+      p.wait(timeout=max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+      _signal(p, signal.SIGKILL)
+      p.wait()
+
+
+def _signal(p, sig) -> None:
+  try:
+    os.killpg(p.pid, sig)
+  except ProcessLookupError:  # already gone
+    pass
 
 
 if __name__ == "__main__":

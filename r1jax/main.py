@@ -24,7 +24,10 @@ def main(argv):
   from r1jax.parallel import distributed
   from r1jax.pipeline import runner
   from r1jax.pipeline.validate import ConfigError
-  distributed.maybe_initialize()
+  try:
+    distributed.maybe_initialize()
+  except distributed.LaunchError as e:
+    raise app.UsageError(f"bad launch: {e}") from None
   try:
     runner.run(_CONFIG.value, _WORKDIR.value, only=_STAGES.value)
   except ConfigError as e:

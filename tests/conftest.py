@@ -35,11 +35,44 @@ def tiny_forward(tiny_cfg):
       {"params": p}, tok, pos, valid, return_aux=True))
 
 
+# Smoke runs shared by the pipeline tests and the multi-host comparisons (which run
+# the same experiment in 2 processes × 4 devices and compare with these 1 × 8 runs).
+# R1 runs on a mesh whose expert axis spans all 8 devices (both processes there).
+SMOKE_RUNS = {
+    "r1_zero": ("experiments/r1_zero/tiny.py:smoke", {}),
+    "r1": ("experiments/r1/tiny.py:smoke", {"mesh": [1, 1, 8, 1]}),
+    "distill": ("experiments/distill/tiny.py:smoke", {}),
+}
+
+
+def _smoke_run(tmp_path_factory, name: str):
+  from r1jax.pipeline import runner
+  from tests.multihost_jobs import load_job_config
+  workdir = str(tmp_path_factory.mktemp(name))
+  return workdir, runner.run(load_job_config(*SMOKE_RUNS[name]), workdir)
+
+
 @pytest.fixture(scope="session")
 def zero_run(tmp_path_factory):
   """The main job's smoke run, once per session: (workdir, results). Read-only."""
-  from r1jax.pipeline import runner
-  from tests.experiment_loader import load_config
-  workdir = str(tmp_path_factory.mktemp("r1_zero"))
-  c = load_config("experiments/r1_zero/tiny.py", "smoke")
-  return workdir, runner.run(c, workdir)
+  return _smoke_run(tmp_path_factory, "r1_zero")
+
+
+@pytest.fixture(scope="session")
+def r1_run(tmp_path_factory):
+  return _smoke_run(tmp_path_factory, "r1")
+
+
+@pytest.fixture(scope="session")
+def distill_run(tmp_path_factory):
+  return _smoke_run(tmp_path_factory, "distill")
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+  """`gs://<bucket>` on a local GCS emulator; os.environ sends every client there meanwhile."""
+  pytest.importorskip("gcp_storage_emulator",
+                      reason="gs:// tests need the dev extras: pip install -e '.[dev]'")
+  from tests import gcs
+  with gcs.emulator() as emulator:
+    yield emulator.url

@@ -49,6 +49,13 @@ def test_config_errors_are_one_line_and_name_the_key():
     validate.validate(c)
   c = load_config("experiments/r1_zero/tiny.py")
   with c.unlocked():
+    c.mesh = (3, 1, 1, 1)
+  with pytest.raises(validate.ConfigError, match=r"^mesh: mesh shape \(3, 1, 1, 1\) uses 3 "
+                                                 r"devices, but 8 are present") as e:
+    validate.validate(c)
+  assert "\n" not in str(e.value)
+  c = load_config("experiments/r1_zero/tiny.py")
+  with c.unlocked():
     c.stages.pretrain.batch_size = 12
   with pytest.raises(validate.ConfigError, match=r"^stages\.pretrain: batch_size=12"):
     validate.validate(c, n_devices=8)

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from r1jax.interop import hf
 from r1jax.model import ModelConfig, Transformer, abstract_params
+from r1jax.parallel.mesh import make_mesh
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 VARIANTS = ["yarn_qlora_mtp", "yarn_noqlora", "rope_qlora", "rope_noqlora"]
@@ -177,12 +178,22 @@ def test_declared_but_absent_mtp_warns(tmp_path):
   assert cfg.mtp_depth == 0 and "mtp_0" not in params
 
 
-def test_differing_mtp_embedding_copy_warns(tmp_path):
+@pytest.mark.parametrize("mesh_shape", [None, (1, 2, 2, 2)])
+def test_differing_mtp_embedding_copy_warns(tmp_path, mesh_shape):
   path = _copy_fixture(tmp_path, MTP_VARIANT)
   name = "model.layers.3.embed_tokens.weight"
   _edit_tensors(path, lambda t: t.__setitem__(name, t[name] * 2))
   with pytest.warns(UserWarning, match=name):
-    hf.load(path)
+    hf.load(path, mesh=mesh_shape and make_mesh(mesh_shape))
+
+
+def test_streamed_load_of_a_transformers_checkpoint(loaded):
+  # bf16 files read slice by slice; tests/test_hf_stream.py covers the rest.
+  cfg, want = loaded[MTP_VARIANT]
+  cfg2, got = hf.load(os.path.join(FIXTURES, MTP_VARIANT), mesh=make_mesh((1, 2, 2, 2)))
+  assert cfg2 == cfg
+  for (path, a), (_, b) in zip(_leaves(got), _leaves(want)):
+    assert a.dtype == b.dtype and np.array_equal(np.asarray(a), b), jax.tree_util.keystr(path)
 
 
 # ----------------------------------------------------------------------------

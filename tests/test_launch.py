@@ -5,6 +5,7 @@ import importlib.util
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -100,3 +101,27 @@ def test_local_dry_run(capsys):
     assert env["R1JAX_COORDINATOR"].startswith("127.0.0.1:")
     assert "--xla_force_host_platform_device_count=4" in env["XLA_FLAGS"]
     assert words[4:] == command
+
+
+def test_local_stops_the_others_when_one_fails():
+  """A process that takes SIGTERM as a preemption notice (jax.distributed does) is
+  killed after the grace period, and the failure's exit status comes back."""
+  script = ("import os, signal, sys, time\n"
+            "if os.environ['R1JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+            "signal.signal(signal.SIGTERM, lambda *a: None)\n"
+            "time.sleep(120)\n")
+  out = subprocess.run([sys.executable, "launch/local.py", "--num_processes=2", "--",
+                        sys.executable, "-c", script], cwd=ROOT, timeout=60)
+  assert out.returncode == 3
+
+
+def test_a_bad_launch_is_a_one_line_error(tmp_path):
+  env = {**os.environ, "R1JAX_NUM_PROCESSES": "2", "R1JAX_PROCESS_ID": "5",
+         "R1JAX_COORDINATOR": "127.0.0.1:1"}
+  out = subprocess.run([sys.executable, "-m", "r1jax.main", f"--config={_experiment()}",
+                        f"--workdir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode != 0
+  lines = [l for l in out.stderr.splitlines() if "bad launch" in l]
+  assert lines and "R1JAX_PROCESS_ID=5 is outside 0..1 (R1JAX_NUM_PROCESSES=2)" in lines[0]
+  assert "Traceback" not in out.stderr

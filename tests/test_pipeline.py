@@ -43,15 +43,13 @@ def test_rerun_skips_finished_stages(zero_run, capsys):
   assert capsys.readouterr().out.count("finished earlier; skipping") == 2
 
 
-@pytest.mark.parametrize("experiment", ["r1/tiny.py", "distill/tiny.py"])
-def test_other_experiments_run_end_to_end(experiment, tmp_path):
-  c = load_config(f"experiments/{experiment}", "smoke")
-  results = runner.run(c, str(tmp_path))
-  assert list(results) == list(c.pipeline)
-  if "distill" in results:
-    assert results["distill"]["student_params"] < results["distill"]["teacher_params"]
-  if "rejection" in results:
-    assert results["rejection"]["samples"] > 0
+def test_other_experiments_run_end_to_end(r1_run, distill_run):
+  _, results = r1_run
+  assert list(results) == list(load_config("experiments/r1/tiny.py", "smoke").pipeline)
+  assert results["rejection"]["samples"] > 0
+  _, results = distill_run
+  assert list(results) == list(load_config("experiments/distill/tiny.py", "smoke").pipeline)
+  assert results["distill"]["student_params"] < results["distill"]["teacher_params"]
 
 
 def _pretrain_only(workdir: str) -> list:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import os
 from typing import Any, Callable, Iterable, Sequence
 
 import sentencepiece as spm
+
+from r1jax import storage
 
 # Template and role markers are single tokens ("user-defined symbols").
 SPECIAL_TOKENS = ("<think>", "</think>", "<answer>", "</answer>", "<|User|>", "<|Assistant|>")
@@ -79,14 +80,10 @@ class Tokenizer:
 
   @classmethod
   def load(cls, path: str) -> "Tokenizer":
-    with open(path, "rb") as f:
-      return cls(f.read())
+    return cls(storage.read_bytes(path))
 
   def save(self, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-      f.write(self.model_proto)
-    os.replace(tmp, path)
+    storage.write_bytes(path, self.model_proto)
 
   @property
   def vocab_size(self) -> int:
@@ -129,9 +126,8 @@ def train(corpus: Iterable[str], vocab_size: int) -> Tokenizer:
 
 def train_or_load(path: str, corpus: Iterable[str], vocab_size: int) -> Tokenizer:
   """The tokenizer cached at `path`, trained on `corpus` the first time."""
-  if os.path.exists(path):
+  if storage.exists(path):
     return Tokenizer.load(path)
   tok = train(corpus, vocab_size)
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   tok.save(path)
   return tok

@@ -19,9 +19,17 @@ copies (`model.layers.{n}.embed_tokens`, `shared_head.head`) are checked
 against the main ones on load (a warning if they differ, the main ones win)
 and written as copies on save.
 
-Leaves come back as host numpy arrays; `jax.device_put` them with the
-shardings you want. FP8 checkpoints (`weight_scale_inv`) are not handled:
-dequantise them to bf16 first.
+One name table (`_slot_table`: a `_Slot` per checkpoint tensor) serves both
+directions and both ways of loading. Without a mesh, leaves come back as host
+numpy arrays. `load(path, mesh=mesh)` streams instead: each leaf is built on
+the mesh with `jax.make_array_from_callback`, sharded by the rule table, and
+each block a device holds is assembled from only the checkpoint tensors, and
+slices of them, that overlap it (see hf_stream.py), so a process reads what
+its devices hold and its host memory stays near one tensor plus one block,
+which is how the 671B model loads. `save` fetches one tensor at a time from
+arrays sharded over any number of processes and process 0 writes.
+FP8 checkpoints (`weight_scale_inv`) are not handled: dequantise them to bf16
+first.
 """
 
 from __future__ import annotations
@@ -31,21 +39,26 @@ import json
 import math
 import os
 import warnings
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from safetensors.numpy import save_file
 
+from r1jax.interop import hf_stream
 from r1jax.interop.hf_config import config_from_hf, config_to_hf
 from r1jax.model.config import ModelConfig
+from r1jax.model.params import logical_axes
+from r1jax.parallel.mesh import AXES, logical_sharding
 
 __all__ = ["config_from_hf", "config_to_hf", "load", "save", "to_hf_tensors"]
 
 Params = dict[str, Any]
 
-_INDEX = "model.safetensors.index.json"
+_INDEX = hf_stream.INDEX
 # Keys some older checkpoints carry that hold no parameter.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # The router's correction bias stays float32 in every file we write: it moves
@@ -56,6 +69,18 @@ _FLOAT32_SUFFIXES = ("e_score_correction_bias",)
 
 # ----------------------------------------------------------------------------
 # The name table: one _Slot per checkpoint tensor.
+
+def _flat_span(dims: tuple[int, ...], block: Sequence[tuple[int, int]]
+               ) -> tuple[slice, np.ndarray | None]:
+  """In the row-major flattening of `dims`: the span holding `block`, and the
+  block's offsets in that span (None when the block fills it)."""
+  first = int(np.ravel_multi_index([a for a, _ in block], dims))
+  last = int(np.ravel_multi_index([b - 1 for _, b in block], dims))
+  if math.prod(b - a for a, b in block) == last + 1 - first:
+    return slice(first, last + 1), None
+  grid = np.ix_(*[np.arange(a, b) for a, b in block])
+  return slice(first, last + 1), np.ravel_multi_index(grid, dims).ravel() - first
+
 
 @dataclasses.dataclass(frozen=True)
 class _Slot:
@@ -69,8 +94,21 @@ class _Slot:
       return self.shape
     return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
 
-  def to_r1jax(self, w: np.ndarray) -> np.ndarray:
-    return w.reshape(self.shape) if not self.n_in else w.T.reshape(self.shape)
+  def read(self, tensor: Any, block: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The r1jax `block` of this slot ([start, stop) per axis of `shape`), from
+    `tensor` (a safetensors slice or an array of hf_shape()), reading only
+    the rows and columns that hold it."""
+    if not self.n_in:
+      return tensor[tuple(slice(a, b) for a, b in block)]
+    k = self.n_in
+    rows, row_pick = _flat_span(self.shape[k:], block[k:])
+    cols, col_pick = _flat_span(self.shape[:k], block[:k])
+    w = tensor[rows, cols]  # [out, in]
+    if row_pick is not None:
+      w = w[row_pick]
+    if col_pick is not None:
+      w = w[:, col_pick]
+    return w.T.reshape([b - a for a, b in block])
 
   def to_hf(self, x: np.ndarray) -> np.ndarray:
     if not self.n_in:
@@ -130,11 +168,12 @@ def _block_slots(cfg: ModelConfig, moe: bool, prefix: str, root: tuple[str, ...]
   return slots
 
 
-def _mtp_copies(cfg: ModelConfig, k: int) -> dict[str, tuple[str, ...]]:
-  """The MTP layer's copies of shared tensors -> the main leaf they copy."""
+def _copy_slots(cfg: ModelConfig, slots: dict[str, _Slot], k: int) -> dict[str, _Slot]:
+  """MTP layer k's copies of the embedding and output head (r1jax shares the main ones)."""
   p = f"model.layers.{cfg.n_layers + k}."
-  head = ("embed", "embedding") if cfg.tie_embeddings else ("lm_head", "kernel")
-  return {p + "embed_tokens.weight": ("embed", "embedding"), p + "shared_head.head.weight": head}
+  embed = slots["model.embed_tokens.weight"]
+  return {p + "embed_tokens.weight": embed,
+          p + "shared_head.head.weight": slots.get("lm_head.weight", embed)}
 
 
 def _slot_table(cfg: ModelConfig) -> dict[str, _Slot]:
@@ -200,51 +239,15 @@ def _name_list(names: list[str], limit: int = 20) -> str:
 # ----------------------------------------------------------------------------
 # Load.
 
-def _files(path: str) -> dict[str, str]:
-  """Tensor name -> file, from the shard index or every *.safetensors file."""
-  index = os.path.join(path, _INDEX)
-  if os.path.exists(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    return {name: os.path.join(path, file) for name, file in weight_map.items()}
-  files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {path}")
-  names: dict[str, str] = {}
-  for file in files:
-    with safe_open(os.path.join(path, file), framework="numpy") as f:
-      for name in f.keys():
-        if name in names:
-          raise ValueError(f"tensor {name} is in both {names[name]} and {file}")
-        names[name] = os.path.join(path, file)
-  return names
-
-
-def _read(names: dict[str, str]) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) file by file, each file opened once."""
-  by_file: dict[str, list[str]] = {}
-  for name, file in names.items():
-    by_file.setdefault(file, []).append(name)
-  for file, file_names in sorted(by_file.items()):
-    with safe_open(file, framework="numpy") as f:
-      for name in file_names:
-        yield name, f.get_tensor(name)
-
-
-def load(path: str, *, dtype: str = "float32", mtp: bool = True,
-         **overrides) -> tuple[ModelConfig, Params]:
-  """Reads a Hugging Face DeepSeek-V3 checkpoint directory.
-
-  Returns (cfg, params): params is the unboxed `Transformer(cfg)` tree as host
-  numpy arrays of `dtype` (cfg.param_dtype and cfg.dtype are set to it unless
-  overridden). The MTP layers are loaded when the files hold them (cfg.mtp_depth
-  counts those loaded; `mtp=False` skips them). Raises ValueError naming any
-  tensor that is missing, unexpected or of the wrong shape.
-  """
+def _checkpoint(path: str, dtype: str | None, mtp: bool,
+                overrides: dict) -> tuple[ModelConfig, dict[str, str]]:
+  """The config and the tensors to read (name -> file), every name checked
+  against the config; MTP layers past cfg.mtp_depth are left out."""
   with open(os.path.join(path, "config.json")) as f:
     hf = json.load(f)
-  cfg = config_from_hf(hf, **{"dtype": dtype, "param_dtype": dtype, **overrides})
-  names = _files(path)
+  cfg = config_from_hf(hf, **{**({"dtype": dtype, "param_dtype": dtype} if dtype else {}),
+                              **overrides})
+  names = hf_stream.tensor_files(path)
   fp8 = [n for n in names if n.endswith("weight_scale_inv")]
   if fp8:
     raise ValueError(f"{path} is an FP8 checkpoint ({fp8[0]}, ...): dequantise it to bf16 "
@@ -262,14 +265,13 @@ def load(path: str, *, dtype: str = "float32", mtp: bool = True,
     warnings.warn(f"config declares {declared} MTP layer(s) but {path} holds {depth}; "
                   f"loading mtp_depth={depth}")
   cfg = cfg.replace(mtp_depth=depth)
-  skipped = {n for n in names
-             for k in range(depth, declared) if n.startswith(f"model.layers.{cfg.n_layers + k}.")}
+  names = {n: f for n, f in names.items()
+           if not any(n.startswith(f"model.layers.{cfg.n_layers + k}.")
+                      for k in range(depth, declared))}
 
   slots = _slot_table(cfg)
-  copies = {n: leaf for k in range(depth) for n, leaf in _mtp_copies(cfg, k).items()}
-  if cfg.tie_embeddings:
-    copies["lm_head.weight"] = ("embed", "embedding")  # tolerated when equal
-  unknown = [n for n in names if n not in slots and n not in copies and n not in skipped]
+  copies = _load_copies(cfg, slots)
+  unknown = [n for n in names if n not in slots and n not in copies]
   missing = [n for n in slots if n not in names]
   if unknown or missing:
     msg = [f"{path} does not match its config.json as a DeepSeek-V3 checkpoint:"]
@@ -278,31 +280,87 @@ def load(path: str, *, dtype: str = "float32", mtp: bool = True,
     if unknown:
       msg.append(f"unexpected tensors: {_name_list(unknown)}")
     raise ValueError(" ".join(msg))
+  return cfg, names
 
-  np_dtype = _np_dtype(dtype)
-  params: Params = {}
-  for leaf, shape in _leaf_shapes(slots).items():
-    # The router bias keeps float32 whatever the weights' dtype (never trained
-    # by gradient; the model reads it as float32).
-    leaf_dtype = np.float32 if leaf[-2:] == ("router", "bias") else np_dtype
-    _set(params, leaf, np.empty(shape, leaf_dtype))
-  pending_copies = []
-  for name, w in _read({n: f for n, f in names.items() if n not in skipped}):
-    if name in copies:
-      pending_copies.append((name, w))
+
+def _load_copies(cfg: ModelConfig, slots: dict[str, _Slot]) -> dict[str, _Slot]:
+  """Tensors that repeat a leaf: compared with it on load, never loaded."""
+  copies = {n: s for k in range(cfg.mtp_depth) for n, s in _copy_slots(cfg, slots, k).items()}
+  if cfg.tie_embeddings:
+    copies["lm_head.weight"] = slots["model.embed_tokens.weight"]  # tolerated when equal
+  return copies
+
+
+def _leaves(cfg: ModelConfig, reader: hf_stream.Reader, dtype: np.dtype
+            ) -> dict[tuple[str, ...], hf_stream.Leaf]:
+  """Every leaf and the tensors it is built from; checks every tensor's shape
+  from the file headers before anything is read."""
+  slots = _slot_table(cfg)
+  copies = {n: s for n, s in _load_copies(cfg, slots).items() if n in reader.files}
+  for name, slot in {**slots, **copies}.items():
+    shape = reader.shape(name)
+    if shape == slot.hf_shape():
       continue
-    slot = slots[name]
-    if tuple(w.shape) != slot.hf_shape():
-      raise ValueError(f"tensor {name} has shape {tuple(w.shape)}, expected {slot.hf_shape()} "
+    if name in slots:
+      raise ValueError(f"tensor {name} has shape {shape}, expected {slot.hf_shape()} "
                        "from config.json")
-    out = _get(params, slot.path)
-    out[slot.index] = slot.to_r1jax(w).astype(out.dtype)
-  for name, w in pending_copies:
-    main = _get(params, copies[name])
-    main_hf = main.T if copies[name] == ("lm_head", "kernel") else main
-    if w.shape != main_hf.shape or not np.array_equal(w.astype(main.dtype), main_hf):
-      warnings.warn(f"{name} differs from the main model's copy; r1jax shares the main "
-                    "embedding and output head, so it is ignored")
+    warnings.warn(f"{name} differs from the main model's copy; r1jax shares the main "
+                  "embedding and output head, so it is ignored")
+    del copies[name]
+  parts: dict[tuple[str, ...], dict] = {}
+  for name, slot in slots.items():
+    parts.setdefault(slot.path, {})[slot.index] = (name, slot)
+  leaves = {}
+  for path, shape in _leaf_shapes(slots).items():
+    # The router bias stays float32 whatever the weights' dtype (never trained
+    # by gradient; the model reads it as float32).
+    leaf_dtype = np.dtype(np.float32) if path[-2:] == ("router", "bias") else dtype
+    leaf_copies = tuple((n, s) for n, s in copies.items() if s.path == path)
+    leaves[path] = hf_stream.Leaf("/".join(path), shape, leaf_dtype, parts[path], leaf_copies)
+  return leaves
+
+
+def load(path: str, *, dtype: str | None = None, mtp: bool = True, mesh: Mesh | None = None,
+         stats: dict | None = None, **overrides) -> tuple[ModelConfig, Params]:
+  """Reads a Hugging Face DeepSeek-V3 checkpoint directory.
+
+  Returns (cfg, params): params is the unboxed `Transformer(cfg)` tree in
+  `dtype` (when given, cfg.dtype and cfg.param_dtype are set to it unless
+  overridden; by default cfg.param_dtype, float32). Without `mesh`, leaves are
+  host numpy arrays. With `mesh` (axes r1jax.parallel.mesh.AXES) each leaf is
+  a jax.Array sharded by the rule table, and each process reads only the
+  slices its devices hold. The MTP layers are loaded when the files hold them
+  (cfg.mtp_depth counts those loaded; `mtp=False` skips them). `stats`, a
+  dict, receives bytes_read (tensor bytes read from the files) and
+  tensors_opened. Raises ValueError naming any tensor that is missing,
+  unexpected or of the wrong shape, before reading any.
+  """
+  cfg, names = _checkpoint(path, dtype, mtp, overrides)
+  shardings = None
+  if mesh is not None:
+    lacking = [a for a in AXES if a not in mesh.axis_names]
+    if lacking:
+      raise ValueError(f"mesh axes {mesh.axis_names} lack {lacking}: make the mesh with "
+                       "r1jax.parallel.mesh.make_mesh")
+    shardings = logical_sharding(mesh, logical_axes(cfg))
+  params: Params = {}
+  with hf_stream.Reader(names) as reader:
+    leaves = _leaves(cfg, reader, _np_dtype(dtype or cfg.param_dtype))
+    if shardings is not None:
+      present = set(_leaf_paths(shardings))
+      if present != set(leaves):
+        raise ValueError(f"Transformer(cfg) has leaves {sorted(present - set(leaves))} the "
+                         f"name table lacks and lacks {sorted(set(leaves) - present)}")
+      for leaf_path, leaf in leaves.items():
+        hf_stream.check_sharding(leaf, _get(shardings, leaf_path))
+    for leaf_path, leaf in leaves.items():
+      if shardings is None:
+        full = tuple((0, n) for n in leaf.shape)
+        _set(params, leaf_path, hf_stream.read_block(reader, leaf, full))
+      else:
+        _set(params, leaf_path, hf_stream.make_array(reader, leaf, _get(shardings, leaf_path)))
+  if stats is not None:
+    stats.update(bytes_read=reader.bytes_read, tensors_opened=len(reader.opened))
   return cfg, params
 
 
@@ -318,7 +376,12 @@ def _np_dtype(dtype: str) -> np.dtype:
 def to_hf_tensors(cfg: ModelConfig, params: Params, *,
                   dtype: str = "bfloat16") -> Iterator[tuple[str, np.ndarray]]:
   """Yields (checkpoint name, array) for every tensor of `params`, MTP copies
-  of the embedding/head included; the router bias stays float32."""
+  of the embedding/head included; the router bias stays float32.
+
+  Leaves may be numpy or jax arrays sharded over any processes: each tensor is
+  fetched alone (a collective for sharded arrays, so every process must
+  iterate this in step), never a whole leaf.
+  """
   slots = _slot_table(cfg)
   shapes = _leaf_shapes(slots)
   expected = set(shapes)
@@ -326,26 +389,26 @@ def to_hf_tensors(cfg: ModelConfig, params: Params, *,
   if expected != present:
     raise ValueError(f"params do not match cfg: missing {sorted(expected - present)}, "
                      f"unexpected {sorted(present - expected)}")
+  for leaf_path, shape in shapes.items():
+    got = tuple(_get(params, leaf_path).shape)
+    if got != shape:
+      raise ValueError(f"param {'/'.join(leaf_path)} has shape {got}, expected {shape} from cfg")
+  # Copies go out right after their leaf's one tensor, from the same fetch.
+  copies: dict[tuple[str, ...], list[tuple[str, _Slot]]] = {}
+  for k in range(cfg.mtp_depth):
+    for name, slot in _copy_slots(cfg, slots, k).items():
+      copies.setdefault(slot.path, []).append((name, slot))
   out_dtype = _np_dtype(dtype)
 
   def cast(name: str, x: np.ndarray) -> np.ndarray:
     target = np.dtype(np.float32) if name.endswith(_FLOAT32_SUFFIXES) else out_dtype
     return np.ascontiguousarray(x.astype(target))
 
-  leaves: dict[tuple[str, ...], np.ndarray] = {}
   for name, slot in slots.items():
-    leaf = leaves.get(slot.path)
-    if leaf is None:
-      # np.asarray also brings a jax array (or one shard gathered) to the host.
-      leaf = leaves[slot.path] = np.asarray(_get(params, slot.path))
-      if leaf.shape != shapes[slot.path]:
-        raise ValueError(f"param {'/'.join(slot.path)} has shape {leaf.shape}, expected "
-                         f"{shapes[slot.path]} from cfg")
-    yield name, cast(name, slot.to_hf(leaf[slot.index]))
-  for k in range(cfg.mtp_depth):
-    for name, leaf_path in _mtp_copies(cfg, k).items():
-      x = np.asarray(_get(params, leaf_path))
-      yield name, cast(name, x.T if leaf_path == ("lm_head", "kernel") else x)
+    x = hf_stream.fetch(_get(params, slot.path), slot.index)
+    yield name, cast(name, slot.to_hf(x))
+    for copy, copy_slot in copies.get(slot.path, []):  # copied leaves are unstacked
+      yield copy, cast(copy, copy_slot.to_hf(x))
 
 
 def save(path: str, cfg: ModelConfig, params: Params, *, dtype: str = "bfloat16",
@@ -356,10 +419,18 @@ def save(path: str, cfg: ModelConfig, params: Params, *, dtype: str = "bfloat16"
   model-0000i-of-0000n.safetensors shards and model.safetensors.index.json.
   Refuses a directory that already holds weights unless `overwrite`, which
   deletes them first (stale shards would otherwise be loaded with the new ones).
+  With several processes every one calls this (the tensors are gathered one
+  at a time) and process 0 writes; host memory stays near one shard.
   """
-  os.makedirs(path, exist_ok=True)
-  old = [f for f in os.listdir(path) if f.endswith(".safetensors") or f == _INDEX]
-  if old and not overwrite:
+  writer = jax.process_index() == 0
+  old = []
+  if writer:
+    os.makedirs(path, exist_ok=True)
+    old = [f for f in os.listdir(path) if f.endswith(".safetensors") or f == _INDEX]
+  refuse = bool(old) and not overwrite
+  if jax.process_count() > 1:  # all raise together, or none waits on the others
+    refuse = bool(multihost_utils.broadcast_one_to_all(np.int32(refuse)))
+  if refuse:
     raise FileExistsError(f"{path} already holds weights ({', '.join(sorted(old))}); "
                           "pass overwrite=True to replace them")
   for f in old:
@@ -378,13 +449,24 @@ def save(path: str, cfg: ModelConfig, params: Params, *, dtype: str = "bfloat16"
     shard.clear()
 
   for name, x in to_hf_tensors(cfg, params, dtype=dtype):
+    if not writer:
+      continue
     if shard and size + x.nbytes > max_shard_bytes:
       flush()
       size = 0
     shard[name] = x
     size += x.nbytes
     total += x.nbytes
-  flush()
+  if writer:
+    flush()
+    _finish(path, cfg, dtype, files, total)
+  if jax.process_count() > 1:  # return once the files are there, on every process
+    multihost_utils.sync_global_devices("r1jax.interop.hf.save")
+
+
+def _finish(path: str, cfg: ModelConfig, dtype: str, files: list[tuple[str, list[str]]],
+            total: int) -> None:
+  """Final shard names, the shard index when there are several, config.json."""
   if len(files) == 1:
     os.replace(files[0][0], os.path.join(path, "model.safetensors"))
   else:

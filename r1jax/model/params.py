@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import AbstractMesh
 
 from r1jax.model.config import ModelConfig
 from r1jax.model.transformer import Transformer
@@ -15,15 +18,21 @@ def _dummy_tokens():
   return jnp.zeros((1, 4), jnp.int32)
 
 
+def _init(cfg: ModelConfig, rng: jax.Array) -> dict:
+  # The init pass only creates parameters: its 4 dummy tokens must not take the
+  # expert-parallel path an ambient mesh would turn on (they do not split over it).
+  with jax.sharding.use_abstract_mesh(AbstractMesh((), ())):
+    return Transformer(cfg).init(rng, _dummy_tokens())
+
+
 def init_params(cfg: ModelConfig, rng: jax.Array) -> dict:
   """Unboxed parameters (MTP included when cfg.mtp_depth > 0)."""
-  return nn.unbox(Transformer(cfg).init(rng, _dummy_tokens())["params"])
+  return nn.unbox(_init(cfg, rng)["params"])
 
 
 def abstract_params(cfg: ModelConfig, boxed: bool = False):
   """Parameter ShapeDtypeStructs (with logical-axis metadata if boxed), no allocation."""
-  tree = jax.eval_shape(lambda r: Transformer(cfg).init(r, _dummy_tokens()),
-                        jax.random.key(0))["params"]
+  tree = jax.eval_shape(functools.partial(_init, cfg), jax.random.key(0))["params"]
   return tree if boxed else nn.unbox(tree)
 
 

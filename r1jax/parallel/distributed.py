@@ -22,6 +22,10 @@ ENV_AUTO = "R1JAX_DISTRIBUTED"
 _initialized = False
 
 
+class LaunchError(RuntimeError):
+  """The processes started do not match what the launcher asked for."""
+
+
 def maybe_initialize() -> bool:
   """Initialises jax.distributed when the environment asks; returns whether it did."""
   global _initialized
@@ -30,16 +34,27 @@ def maybe_initialize() -> bool:
   if os.environ.get(ENV_NUM_PROCESSES):
     missing = [k for k in (ENV_COORDINATOR, ENV_PROCESS_ID) if not os.environ.get(k)]
     if missing:
-      raise RuntimeError(f"{ENV_NUM_PROCESSES} is set but {missing} are not; start processes "
-                         "with launch/local.py")
+      raise LaunchError(f"{ENV_NUM_PROCESSES} is set but {missing} are not; start processes "
+                        "with launch/local.py")
+    n, i = int(os.environ[ENV_NUM_PROCESSES]), int(os.environ[ENV_PROCESS_ID])
+    if not 0 <= i < n:
+      raise LaunchError(f"{ENV_PROCESS_ID}={i} is outside 0..{n - 1} ({ENV_NUM_PROCESSES}={n})")
     if os.environ.get("JAX_PLATFORMS", "cpu").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=os.environ[ENV_COORDINATOR],
-        num_processes=int(os.environ[ENV_NUM_PROCESSES]),
-        process_id=int(os.environ[ENV_PROCESS_ID]))
+    jax.distributed.initialize(coordinator_address=os.environ[ENV_COORDINATOR],
+                               num_processes=n, process_id=i)
     _initialized = True
+    _check_count(n, ENV_NUM_PROCESSES)
   elif os.environ.get(ENV_AUTO) == "auto":
     jax.distributed.initialize()
     _initialized = True
+    if os.environ.get("SLURM_NTASKS"):
+      _check_count(int(os.environ["SLURM_NTASKS"]), "SLURM_NTASKS")
   return _initialized
+
+
+def _check_count(expected: int, source: str) -> None:
+  if jax.process_count() != expected:
+    raise LaunchError(f"{source}={expected} processes were launched but JAX joined "
+                      f"{jax.process_count()}; start every process with the same launcher "
+                      "settings")

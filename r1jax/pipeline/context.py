@@ -4,8 +4,6 @@ and moving parameters between stages (orbax, sharded on the way in)."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
 
 import jax
@@ -15,11 +13,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
-from r1jax import configs
+from r1jax import configs, storage
 from r1jax.data import pipelines, tasks
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, abstract_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
+from r1jax.parallel import multihost
 
 
 @dataclasses.dataclass
@@ -44,11 +43,16 @@ class Context:
   def create(cls, c: ml_collections.ConfigDict, workdir: str) -> "Context":
     mesh = mesh_lib.make_mesh(tuple(c.mesh))
     train, held_out = load_splits(c)
-    tok_path = c.data.tokenizer_path or os.path.join(workdir, "tokenizer.model")
+    tok_path = c.data.tokenizer_path or storage.join(workdir, "tokenizer.model")
     corpus = [p + r for name in tokenizer_lib.TEMPLATES
               for p, r in pipelines.sft_pairs(train, name)]
     corpus += [pretrain_document(e, "plain") for e in train] + list(_DIRECT.values())
-    tok = tokenizer_lib.train_or_load(tok_path, corpus, c.data.vocab_size)
+    # Process 0 trains and writes the tokenizer; the others wait, then read it.
+    if jax.process_index() == 0:
+      tok = tokenizer_lib.train_or_load(tok_path, corpus, c.data.vocab_size)
+    multihost.barrier("tokenizer")
+    if jax.process_index() != 0:
+      tok = tokenizer_lib.Tokenizer.load(tok_path)
     model_cfg = configs.model_config(c)
     if tok.vocab_size > model_cfg.vocab_size:
       raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
@@ -80,7 +84,7 @@ class Context:
 
   def save_params(self, stage_dir: str, cfg: ModelConfig, params) -> dict:
     """Writes `stage_dir/params` (orbax) and returns the outputs entry naming it."""
-    path = os.path.abspath(os.path.join(stage_dir, "params"))
+    path = storage.join(stage_dir, "params")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path, params, force=True)
     ckptr.wait_until_finished()
@@ -160,9 +164,3 @@ def jsonable(metrics: dict) -> dict:
               else v) for k, v in metrics.items()}
 
 
-def write_jsonl(path: str, rows: list[dict]) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    for r in rows:
-      f.write(json.dumps(r, ensure_ascii=False) + "\n")
-  os.replace(tmp, path)

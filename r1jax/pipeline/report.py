@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Callable
 
 import matplotlib
@@ -10,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on pods or CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from r1jax import storage  # noqa: E402
 from r1jax.train.metrics import read_jsonl  # noqa: E402
 
 # The curves worth a panel, in this order, when a stage logged them.
@@ -21,7 +21,7 @@ PANELS = (
 
 
 def plot_stage(stage_dir: str, title: str) -> str | None:
-  rows = read_jsonl(os.path.join(stage_dir, "metrics.jsonl"))
+  rows = read_jsonl(storage.join(stage_dir, "metrics.jsonl"))
   panels = [(k, label) for k, label in PANELS if any(k in r for r in rows)]
   if not panels:
     return None
@@ -35,8 +35,8 @@ def plot_stage(stage_dir: str, title: str) -> str | None:
     ax.grid(alpha=0.3)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  path = os.path.join(stage_dir, "metrics.png")
-  fig.savefig(path, dpi=110)
+  path = storage.join(stage_dir, "metrics.png")
+  storage.save_figure(path, fig, dpi=110)
   plt.close(fig)
   return path
 
@@ -58,10 +58,9 @@ def summary_table(results: dict[str, dict]) -> str:
 
 def write(workdir: str, c, results: dict[str, dict], log: Callable[[str], None] = print) -> None:
   for name in results:
-    path = plot_stage(os.path.join(workdir, name), f"{name} ({results[name].get('kind', '')})")
+    path = plot_stage(storage.join(workdir, name), f"{name} ({results[name].get('kind', '')})")
     if path:
       log(f"[report] {path}")
   table = summary_table(results)
-  with open(os.path.join(workdir, "summary.md"), "w") as f:
-    f.write(table + "\n")
+  storage.write_text(storage.join(workdir, "summary.md"), table + "\n")
   log(table)

@@ -8,14 +8,14 @@ another stage's directory by itself.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from typing import Callable, Sequence
 
 import jax
 import ml_collections
 
+from r1jax import storage
+from r1jax.parallel import multihost
 from r1jax.pipeline import validate as validate_lib
 
 StageFn = Callable[..., dict]
@@ -33,18 +33,12 @@ def _registry() -> dict[str, StageFn]:
 
 
 def _write_json(path: str, obj) -> None:
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
+  storage.write_json(path, obj, indent=1, sort_keys=True)
 
 
 def stage_outputs(workdir: str, name: str) -> dict | None:
-  path = os.path.join(workdir, name, "outputs.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  path = storage.join(workdir, name, "outputs.json")
+  return storage.read_json(path) if storage.exists(path) else None
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None = None) -> dict:
@@ -52,11 +46,13 @@ def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None =
   validate_lib.validate(c, only=only)
   from r1jax.pipeline import context as context_lib
   from r1jax.pipeline import report
-  os.makedirs(workdir, exist_ok=True)
+  workdir = str(storage.path(workdir))
+  if jax.process_index() == 0:
+    storage.makedirs(workdir)
   ctx = context_lib.Context.create(c, workdir)
   if ctx.is_main_process:  # what produced this workdir (the sweep's reuse reads it too)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(c.to_json_best_effort(indent=1, sort_keys=True))
+    storage.write_text(storage.join(workdir, "config.json"),
+                       c.to_json_best_effort(indent=1, sort_keys=True))
   registry = _registry()
   results: dict[str, dict] = {}
   for name in c.pipeline:
@@ -74,8 +70,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None =
         raise RuntimeError(f"stage {name!r} needs stage {ref!r}, which has not finished; run it "
                            f"first (--stages={ref},{name})")
       inputs[ref] = results[ref]
-    stage_dir = os.path.join(workdir, name)
-    os.makedirs(stage_dir, exist_ok=True)
+    stage_dir = storage.join(workdir, name)
+    storage.makedirs(stage_dir)
     ctx.log(f"[{name}] {sc.kind} starts")
     t0 = time.time()
     # The ambient mesh is what turns on expert parallelism inside the model.
@@ -84,11 +80,12 @@ def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None =
     out["wall_s"] = round(time.time() - t0, 2)
     out["kind"] = sc.kind
     if ctx.is_main_process:
-      _write_json(os.path.join(stage_dir, "outputs.json"), out)
+      _write_json(storage.join(stage_dir, "outputs.json"), out)
+    multihost.barrier(f"stage {name} done")  # no process runs ahead of the stage's files
     results[name] = out
   summary = {name: {k: v for k, v in out.items() if k not in ("checkpoint", "dataset")}
              for name, out in results.items()}
   if ctx.is_main_process:
-    _write_json(os.path.join(workdir, "summary.json"), summary)
+    _write_json(storage.join(workdir, "summary.json"), summary)
     report.write(workdir, c, results, log=ctx.log)
   return results

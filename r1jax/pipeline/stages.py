@@ -6,18 +6,18 @@ weights, "dataset" for stages that produce data, and the stage's figures.
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import random
 
 import jax
 import numpy as np
 
-from r1jax import configs
+from r1jax import configs, storage
 from r1jax.data import pipelines
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, param_counts
-from r1jax.pipeline.context import Context, jsonable, pretrain_document, write_jsonl
+from r1jax.parallel import multihost
+from r1jax.pipeline.context import Context, jsonable, pretrain_document
 from r1jax.rewards import RewardEvaluator, RewardSpec
 from r1jax.rl.rollout import sample
 from r1jax.train import checkpoint as ckpt_lib
@@ -38,10 +38,10 @@ def _init(ctx: Context, sc, inputs: dict, field: str = "init") -> tuple[ModelCon
     return ctx.load_params(inputs[_ref(ref)])
   if ref.startswith("hf:"):
     from r1jax.interop import hf  # noqa: PLC0415
-    cfg, params = hf.load(ref[len("hf:"):])
-    cfg = cfg.replace(dtype=ctx.model_cfg.dtype, param_dtype=ctx.model_cfg.param_dtype,
-                      remat=ctx.model_cfg.remat)
-    return cfg, jax.device_put(params, ctx.param_sharding(cfg))
+    # Streamed onto the mesh: each process reads only the slices its devices hold.
+    cfg, params = hf.load(ref[len("hf:"):], mesh=ctx.mesh, dtype=ctx.model_cfg.param_dtype)
+    return cfg.replace(dtype=ctx.model_cfg.dtype, param_dtype=ctx.model_cfg.param_dtype,
+                       remat=ctx.model_cfg.remat), params
   return ctx.model_cfg, None
 
 
@@ -76,8 +76,8 @@ def _supervised(ctx: Context, sc, stage_dir: str, cfg: ModelConfig, params, rows
 
 def _write_samples(ctx: Context, stage_dir: str, samples: dict) -> None:
   if ctx.is_main_process:
-    with open(os.path.join(stage_dir, "samples.json"), "w") as f:
-      json.dump(samples, f, indent=1, ensure_ascii=False)
+    storage.write_json(storage.join(stage_dir, "samples.json"), samples, indent=1,
+                       ensure_ascii=False)
 
 
 # ----------------------------------------------------------------------------
@@ -124,8 +124,7 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
 
 
 def _dataset_pairs(path: str) -> list[tuple[str, str]]:
-  with open(path) as f:
-    return [(r["prompt"], r["response"]) for r in map(json.loads, f)]
+  return [(r["prompt"], r["response"]) for r in storage.read_jsonl(path)]
 
 
 def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
@@ -148,17 +147,35 @@ def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
 # ----------------------------------------------------------------------------
 # Generation shared by evaluation, rejection sampling and distillation
 
+@dataclasses.dataclass
+class Generations:
+  """Completions of one `generate` call, R rows in job order (example-major).
+
+  tokens/finished are global (every process holds all rows); `mine` are the
+  rows this process detokenises and scores (each row has one owner)."""
+  examples: list[dict]  # [R] the example each row answers
+  prompt_ids: list[list[int]]  # [R]
+  tokens: list[list[int]]  # [R] completion ids, EOS dropped
+  finished: np.ndarray  # [R] bool: ended with EOS
+  mine: np.ndarray  # indices of this process's rows
+
+  def completion(self, tok, i: int) -> str:
+    return tok.decode(self.tokens[i])
+
+  def prompt(self, tok, i: int) -> str:
+    return tok.decode(self.prompt_ids[i])
+
+
 def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, template: str,
              samples: int, temperature: float, top_p: float, max_prompt_len: int,
-             max_new_tokens: int, batch_rows: int, seed: int) -> list[dict]:
-  """`samples` completions per example: [{"example", "prompt", "completion", "tokens",
-  "finished"}], in example order. Rows go through the sampler in fixed-size batches
-  (one compilation); the last batch is filled with repeats that are dropped."""
+             max_new_tokens: int, batch_rows: int, seed: int) -> Generations:
+  """`samples` completions per example. Rows go through the sampler in fixed-size
+  batches (one compilation); the last batch is filled with repeats that are dropped."""
   ids, kept, dropped = pipelines.encode_prompts(ctx.tok, examples, template, max_prompt_len)
   if dropped:
     ctx.log(f"  {dropped} prompts longer than max_prompt_len={max_prompt_len} skipped")
   jobs = [(i, s) for i in range(len(kept)) for s in range(samples)]
-  out = []
+  tokens, finished, mine = [], [], []
   for b, start in enumerate(range(0, len(jobs), batch_rows)):
     chunk = jobs[start:start + batch_rows]
     filled = chunk + [chunk[-1]] * (batch_rows - len(chunk))
@@ -167,14 +184,24 @@ def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, te
     ro = sample(cfg, params, prompts, lengths, max_new_tokens=max_new_tokens,
                 rng=jax.random.fold_in(jax.random.key(seed), b), temperature=temperature,
                 top_p=top_p, eos_id=ctx.tok.eos_id, pad_id=ctx.tok.pad_id, mesh=ctx.mesh)
-    ro = jax.device_get(ro)
-    for row, (i, _) in enumerate(chunk):
-      n = int(ro.lengths[row]) - int(ro.finished[row])  # drop the EOS token
-      toks = [int(t) for t in ro.tokens[row, :n]]
-      out.append({"example": kept[i], "prompt": ctx.tok.decode(ids[i]),
-                  "completion": ctx.tok.decode(toks), "tokens": n,
-                  "finished": bool(ro.finished[row])})
-  return out
+    mine += [start + r for r in multihost.my_rows(ro.lengths) if r < len(chunk)]
+    got = multihost.allgather({"tokens": ro.tokens, "lengths": ro.lengths,
+                               "finished": ro.finished})
+    for row in range(len(chunk)):
+      n = int(got["lengths"][row]) - int(got["finished"][row])  # drop the EOS token
+      tokens.append(got["tokens"][row, :n].tolist())
+      finished.append(bool(got["finished"][row]))
+  return Generations([kept[i] for i, _ in jobs], [ids[i] for i, _ in jobs], tokens,
+                     np.array(finished, bool), np.array(mine, np.int64))
+
+
+def score(ctx: Context, gens: Generations, terms) -> dict[str, np.ndarray]:
+  """{reward name: [R] scores} on every process; each process scores its own rows."""
+  texts = [gens.completion(ctx.tok, i) for i in gens.mine]
+  with RewardEvaluator(RewardSpec.create(terms)) as ev:
+    _, per, _ = ev(texts, [gens.examples[i] for i in gens.mine])
+  n = len(gens.tokens)
+  return {k: multihost.gather_rows(v, gens.mine, n) for k, v in sorted(per.items())}
 
 
 EVAL_REWARDS = (("accuracy", 1.0), ("format", 1.0), ("language", 1.0))
@@ -203,13 +230,13 @@ def evaluate(ctx: Context, cfg: ModelConfig, params, sc, *, template: str, max_p
                   max_new_tokens=max_new_tokens, batch_rows=_rows(ctx, len(examples) *
                                                                   sc.eval_samples),
                   seed=seed)
-  with RewardEvaluator(RewardSpec.create(reward_terms(EVAL_REWARDS, template))) as ev:
-    _, per, _ = ev([g["completion"] for g in gens], [g["example"] for g in gens])
+  per = score(ctx, gens, reward_terms(EVAL_REWARDS, template))
   return {"accuracy": float(np.mean(per["accuracy"])), "format": float(np.mean(per["format"])),
           "language": float(np.mean(per["language"])),
-          "response_len": float(np.mean([g["tokens"] for g in gens])),
-          "samples": [{"prompt": g["example"]["question"], "completion": g["completion"],
-                       "answer": g["example"]["answer"]} for g in gens[:6]]}
+          "response_len": float(np.mean([len(t) for t in gens.tokens])),
+          "samples": [{"prompt": gens.examples[i]["question"],
+                       "completion": gens.completion(ctx.tok, i),
+                       "answer": gens.examples[i]["answer"]} for i in range(min(6, len(gens.tokens)))]}
 
 
 def _rows(ctx: Context, n: int, cap: int = 256) -> int:
@@ -242,7 +269,7 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                        pad_id=ctx.tok.pad_id, mesh=ctx.mesh)
     state = step_fn.init_state(params)
     del params
-    ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"),
+    ckpt = ckpt_lib.Checkpointer(storage.join(stage_dir, "checkpoints"),
                                  every=sc.checkpoint_every)
     if ckpt.latest_step is not None:
       state, data_state = ckpt.restore(ckpt_lib.abstract_like(state))
@@ -257,7 +284,8 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
       step = int(state.step)
       if step % sc.log_every == 0 or step == sc.steps:
         writer.write(step, m)
-      ckpt.save(step, state, examples.state(), force=step == sc.steps)
+      if ckpt.save(step, state, examples.state(), force=step == sc.steps):
+        writer.flush()
     writer.close()
     ckpt.close()
   after = evaluate(ctx, cfg, state.params, sc, **eval_kw)
@@ -279,18 +307,18 @@ FILTER_REWARDS = (("accuracy", 1.0), ("format", 1.0), ("language", 1.0), ("repet
 def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: str,
                        seed: int) -> dict:
   """R1 §2.3.3: keep correct completions; drop mixed-language, malformed, repetitive
-  and unfinished ones; at most keep_per_prompt per prompt. Writes dataset.jsonl."""
+  and unfinished ones; at most keep_per_prompt per prompt. Process 0 writes
+  dataset.jsonl; every process computes the same choice from the gathered scores."""
   examples = ctx.train_examples[:sc.prompts]
   gens = generate(ctx, cfg, params, examples, template=sc.template,
                   samples=sc.samples_per_prompt, temperature=sc.temperature, top_p=sc.top_p,
                   max_prompt_len=sc.max_prompt_len, max_new_tokens=sc.max_new_tokens,
                   batch_rows=sc.batch_rows, seed=seed)
-  with RewardEvaluator(RewardSpec.create(reward_terms(FILTER_REWARDS, sc.template))) as ev:
-    _, per, _ = ev([g["completion"] for g in gens], [g["example"] for g in gens])
+  per = score(ctx, gens, reward_terms(FILTER_REWARDS, sc.template))
   kept, per_prompt = [], {}
   reasons = {"wrong": 0, "format": 0, "language": 0, "repetitive": 0, "unfinished": 0,
              "over_quota": 0}
-  for i, g in enumerate(gens):
+  for i, example in enumerate(gens.examples):
     if per["accuracy"][i] < 1:
       reasons["wrong"] += 1
     elif per["format"][i] < 1:
@@ -299,24 +327,28 @@ def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: st
       reasons["language"] += 1
     elif per["repetition"][i] < -sc.max_repetition:
       reasons["repetitive"] += 1
-    elif not g["finished"]:
+    elif not gens.finished[i]:
       reasons["unfinished"] += 1
     else:
-      q = g["example"]["question"]
+      q = example["question"]
       if per_prompt.get(q, 0) >= sc.keep_per_prompt:
         reasons["over_quota"] += 1
         continue
       per_prompt[q] = per_prompt.get(q, 0) + 1
-      kept.append({"prompt": g["prompt"], "response": g["completion"] + "",
-                   "question": q, "answer": g["example"]["answer"],
-                   "language": g["example"]["language"]})
-  path = os.path.join(stage_dir, "dataset.jsonl")
+      kept.append(i)
+  path = storage.join(stage_dir, "dataset.jsonl")
   if ctx.is_main_process:
-    write_jsonl(path, kept)
-  ctx.log(f"  kept {len(kept)} of {len(gens)} samples from {len(examples)} prompts; "
+    storage.write_jsonl(path, [{"prompt": gens.prompt(ctx.tok, i),
+                        "response": gens.completion(ctx.tok, i),
+                        "question": gens.examples[i]["question"],
+                        "answer": gens.examples[i]["answer"],
+                        "language": gens.examples[i]["language"]} for i in kept])
+  multihost.barrier(f"dataset {path}")  # the next stage reads it on every process
+  ctx.log(f"  kept {len(kept)} of {len(gens.tokens)} samples from {len(examples)} prompts; "
           f"rejected: {reasons}")
-  return {"dataset": os.path.abspath(path), "rows_kept": len(kept), "samples": len(gens),
-          "prompts_covered": len(per_prompt), "accept_rate": len(kept) / max(len(gens), 1),
+  return {"dataset": path, "rows_kept": len(kept),
+          "samples": len(gens.tokens), "prompts_covered": len(per_prompt),
+          "accept_rate": len(kept) / max(len(gens.tokens), 1),
           **{f"rejected_{k}": v for k, v in reasons.items()}}
 
 

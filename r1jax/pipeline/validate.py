@@ -26,6 +26,18 @@ def stage_refs(sc: ml_collections.ConfigDict) -> list[str]:
   return [ref for _, ref in _field_refs(sc)]
 
 
+def _check_mesh(c: ml_collections.ConfigDict, n_devices: int | None) -> None:
+  import jax  # noqa: PLC0415 - only the device and process counts are needed
+
+  from r1jax.parallel import mesh as mesh_lib
+  n = n_devices or jax.device_count()
+  try:
+    mesh_lib.mesh_shape(tuple(c.mesh), n)
+  except ValueError as e:
+    where = f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""
+    raise ConfigError(f"mesh: {e.args[0].rstrip('.')}{where}") from None
+
+
 def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
              n_devices: int | None = None) -> None:
   """Raises ConfigError; `n_devices` (default: the devices present) sizes the mesh."""
@@ -33,6 +45,7 @@ def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
 
   if not c.pipeline:
     raise ConfigError("pipeline: empty; list the stages to run, e.g. ('pretrain', 'grpo')")
+  _check_mesh(c, n_devices)
   seen: list[str] = []
   for name in c.pipeline:
     if name not in c.stages:

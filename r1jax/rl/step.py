@@ -37,6 +37,7 @@ from jax.sharding import Mesh
 
 from r1jax.model import ModelConfig, logical_axes
 from r1jax.parallel import mesh as mesh_lib
+from r1jax.parallel import multihost
 from r1jax.rl import grpo
 from r1jax.rl.rollout import sample
 from r1jax.rl.update import RLState, _programs, _train_step, training_arrays
@@ -274,19 +275,27 @@ class GRPOStep:
     ro = sample(self.cfg, params, prompts_BxP, lengths_B, max_new_tokens=g.max_new_tokens,
                 rng=rng, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                 eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
-    ro = jax.device_get(ro)
+    out = multihost.allgather(dict(tokens=ro.tokens, mask=ro.mask, finished=ro.finished,
+                                   lengths=ro.lengths, sampler_logp=ro.model_logprobs))
     t1 = time.perf_counter()
-    examples_B = [ex for ex in exs for _ in range(G)]
-    texts = [self.decode([int(t) for t in ro.tokens[i, :ro.lengths[i] - int(ro.finished[i])]])
-             for i in range(len(examples_B))]
-    rewards_B, per_reward, reward_metrics = self.reward_fn(texts, examples_B)
+    # Each process detokenises and scores only the rows it owns; the rewards are
+    # then gathered, since a group's advantages need all of its rewards.
+    B = len(lengths_B)
+    rows = multihost.my_rows(ro.lengths)
+    texts = [self.decode([int(t) for t in out["tokens"][i, :out["lengths"][i] -
+                                                         int(out["finished"][i])]])
+             for i in rows]
+    rewards, per_reward, reward_metrics = self.reward_fn(texts, [exs[i // G] for i in rows])
+    out["rewards"] = multihost.gather_rows(np.asarray(rewards, np.float64), rows, B)
+    out["per_reward"] = {k: multihost.gather_rows(np.asarray(v, np.float64), rows, B)
+                         for k, v in sorted(per_reward.items())}
+    # The evaluator's counters (timeouts, errors) add up over processes; its
+    # per-process means are recomputed from the gathered rewards instead.
+    out["reward_metrics"] = multihost.sum_over_processes(
+        {k: v for k, v in reward_metrics.items() if not k.endswith("/mean")})
     t2 = time.perf_counter()
-    return dict(prompts=prompts_BxP, prompt_lengths=lengths_B, tokens=np.asarray(ro.tokens),
-                mask=np.asarray(ro.mask), finished=np.asarray(ro.finished),
-                lengths=np.asarray(ro.lengths), sampler_logp=np.asarray(ro.model_logprobs),
-                rewards=np.asarray(rewards_B, np.float64),
-                per_reward={k: np.asarray(v, np.float64) for k, v in per_reward.items()},
-                reward_metrics=dict(reward_metrics), rollout_s=t1 - t0, reward_s=t2 - t1)
+    return dict(out, prompts=prompts_BxP, prompt_lengths=lengths_B, rollout_s=t1 - t0,
+                reward_s=t2 - t1)
 
   def _collect(self, params, examples: Iterator[Mapping], rng: jax.Array
                ) -> tuple[dict, list[dict], dict[str, float]]:
@@ -345,9 +354,9 @@ class GRPOStep:
       old, ref = self._logprob_fn(state.params, state.ref_params, chunk)
       olds.append(old)
       refs.append(ref)
-    data["old_logp"] = np.concatenate(jax.device_get(olds)).astype(np.float32)
+    data["old_logp"] = np.concatenate(multihost.allgather(olds)).astype(np.float32)
     if state.ref_params is not None:
-      data["ref_logp"] = np.concatenate(jax.device_get(refs)).astype(np.float32)
+      data["ref_logp"] = np.concatenate(multihost.allgather(refs)).astype(np.float32)
     t1 = time.perf_counter()
     metrics.update(self._mismatch(data["old_logp"], batch["sampler_logp"], batch["mask"]))
     if g.tis_cap > 0:

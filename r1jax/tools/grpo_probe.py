@@ -17,6 +17,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from r1jax import storage
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run directory with a finished stage.")
 _INIT = flags.DEFINE_string("init", "pretrain", "The stage whose weights to start from.")
@@ -37,7 +39,7 @@ def main(argv):
 
   c = _CONFIG.value
   ctx = context_lib.Context.create(c, _WORKDIR.value)
-  with open(f"{_WORKDIR.value}/{_INIT.value}/outputs.json") as f:
+  with storage.path(f"{_WORKDIR.value}/{_INIT.value}/outputs.json").open() as f:
     cfg, params = ctx.load_params(json.load(f))
   template = c.stages.grpo.template if "grpo" in c.stages else "r1_zero"
   g = GRPOConfig(group_size=_GROUP.value, prompts_per_step=_PROMPTS.value,

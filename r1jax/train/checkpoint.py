@@ -6,16 +6,17 @@ restarts from the last saved step on the very next batch it would have seen.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import orbax.checkpoint as ocp
+
+from r1jax import storage
 
 
 class Checkpointer:
   def __init__(self, directory: str, *, every: int, keep: int = 2):
+    self.directory = str(storage.path(directory))
     self._mngr = ocp.CheckpointManager(
-        os.path.abspath(directory),
+        self.directory,
         options=ocp.CheckpointManagerOptions(save_interval_steps=max(every, 1), max_to_keep=keep,
                                              create=True))
 

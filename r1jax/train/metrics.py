@@ -6,13 +6,20 @@ checkpoint's step so the lines after it are not duplicated when redone.
 
 from __future__ import annotations
 
+import io
 import json
 import math
-import os
+import time
 
 import jax
 import tqdm
-from tensorboardX import SummaryWriter
+from tensorboardX import SummaryWriter, record_writer
+
+from r1jax import storage
+
+# A bucket has no appends: remote metrics.jsonl is rewritten whole, at most this often
+# (and at every checkpoint and at the end).
+REMOTE_FLUSH_S = 30.0
 
 
 def _scalar(v) -> float | None:
@@ -23,26 +30,53 @@ def _scalar(v) -> float | None:
   return f if math.isfinite(f) else None
 
 
-def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+read_jsonl = storage.read_jsonl
+
+
+class _BucketEventFile:
+  """A TensorBoard event file in a bucket: kept in memory, uploaded whole at each
+  flush (scalars only, so it stays small). tensorboardX's own gs:// writer needs
+  google-cloud-storage; this one goes through etils.epath like everything else."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    storage.write_bytes(self.path, self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _BucketEventFiles:
+  def open(self, path: str) -> _BucketEventFile:
+    return _BucketEventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # buckets have no directories to create
+
+
+record_writer.register_writer_factory("gs", _BucketEventFiles())
 
 
 class MetricWriter:
   def __init__(self, stage_dir: str, *, total_steps: int, start_step: int = 0,
                show: tuple[str, ...] = ("loss",), desc: str = ""):
     self.main = jax.process_index() == 0
-    self.path = os.path.join(stage_dir, "metrics.jsonl")
+    self.path = storage.join(stage_dir, "metrics.jsonl")
     self.show = show
     if not self.main:
       return
-    kept = [m for m in read_jsonl(self.path) if m["step"] <= start_step]
-    with open(self.path, "w") as f:
-      f.writelines(json.dumps(m) + "\n" for m in kept)
-    self._file = open(self.path, "a")
-    self._tb = SummaryWriter(os.path.join(stage_dir, "tensorboard"), purge_step=start_step + 1)
+    self._rows = [m for m in read_jsonl(self.path) if m["step"] <= start_step]
+    self._remote = storage.is_remote(self.path)
+    self._flushed_at = time.monotonic()
+    storage.write_jsonl(self.path, self._rows)
+    if not self._remote:
+      self._file = open(self.path, "a")
+    self._tb = SummaryWriter(storage.join(stage_dir, "tensorboard"), purge_step=start_step + 1)
     self._bar = tqdm.tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True,
                           mininterval=1.0)
 
@@ -53,8 +87,13 @@ class MetricWriter:
     row["step"] = int(step)
     if not self.main:
       return row
-    self._file.write(json.dumps(row) + "\n")
-    self._file.flush()
+    if self._remote:
+      self._rows.append(row)
+      if time.monotonic() - self._flushed_at > REMOTE_FLUSH_S:
+        self.flush()
+    else:
+      self._file.write(json.dumps(row) + "\n")
+      self._file.flush()
     for k, v in row.items():
       if k != "step":
         self._tb.add_scalar(k, v, step)
@@ -63,8 +102,20 @@ class MetricWriter:
     self._bar.refresh()
     return row
 
+  def flush(self) -> None:
+    """Makes every row written so far durable (call it when a checkpoint is saved:
+    a resume never redoes the steps before its checkpoint)."""
+    if not self.main:
+      return
+    if self._remote:
+      storage.write_jsonl(self.path, self._rows)
+      self._flushed_at = time.monotonic()
+    self._tb.flush()
+
   def close(self) -> None:
     if self.main:
+      self.flush()
       self._bar.close()
       self._tb.close()
-      self._file.close()
+      if not self._remote:
+        self._file.close()

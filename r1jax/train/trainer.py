@@ -9,13 +9,13 @@ checkpoint on the exact next batch, and metrics.jsonl is cut back to it.
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from r1jax import storage
 from r1jax.data import pipelines
 from r1jax.model import ModelConfig, init_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
@@ -80,7 +80,7 @@ def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dic
   batches = pipelines.sft_batches(rows, batch_size, seed)
   eval_batch = ctx.put_batch(_pad_rows(eval_rows, ctx.n_data_parallel))
   initial_eval = float(eval_loss(state.params, eval_batch))
-  ckpt = ckpt_lib.Checkpointer(os.path.join(stage_dir, "checkpoints"), every=checkpoint_every)
+  ckpt = ckpt_lib.Checkpointer(storage.join(stage_dir, "checkpoints"), every=checkpoint_every)
   if ckpt.latest_step is not None:
     state, data_state = ckpt.restore(ckpt_lib.abstract_like(state))
     batches.restore(data_state)
@@ -93,7 +93,8 @@ def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dic
     step = int(state.step)
     if step % log_every == 0 or step == steps:
       last = writer.write(step, jax.device_get(m))
-    ckpt.save(step, state, batches.state(), force=step == steps)
+    if ckpt.save(step, state, batches.state(), force=step == steps):
+      writer.flush()
   writer.close()
   ckpt.close()
   final_eval = float(eval_loss(state.params, eval_batch))

@@ -24,8 +24,9 @@ Code: {"prompt": str, "tests": [str, ...]}
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Iterator
+
+from r1jax import storage
 
 _MATCH_MODES = ("math", "exact")
 
@@ -35,9 +36,9 @@ class DataError(ValueError):
 
 
 def _records(path: str) -> Iterator[tuple[int, dict]]:
-  if not os.path.exists(path):
+  if not storage.exists(path):
     raise FileNotFoundError(f"dataset file {path!r} does not exist")
-  with open(path, encoding="utf-8") as f:
+  with storage.path(path).open("r", encoding="utf-8") as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue
