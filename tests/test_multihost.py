@@ -84,8 +84,13 @@ def _compare(one: dict, two: dict, where: str) -> list[str]:
   return bad
 
 
+# Printed per stage (`pytest -s`): the figures a reader compares first.
+_HEADLINE = ("final_loss", "eval_loss_after", "reward/mean", "kl", "accuracy_after",
+             "language_after", "rows_kept", "samples")
+
+
 def _assert_same_run(one_dir: str, two_dir: str, stages) -> None:
-  bad = []
+  bad, checked = [], 0
   for stage in stages:
     a = storage.read_json(storage.join(one_dir, stage, "outputs.json"))
     b = storage.read_json(storage.join(two_dir, stage, "outputs.json"))
@@ -95,6 +100,11 @@ def _assert_same_run(one_dir: str, two_dir: str, stages) -> None:
     assert [r["step"] for r in rows_a] == [r["step"] for r in rows_b], stage
     for ra, rb in zip(rows_a, rows_b):
       bad += _compare(ra, rb, f"{stage}/metrics.jsonl step {ra['step']}")
+    checked += len(a) + sum(len(r) for r in rows_a)
+    last_a, last_b = {**(rows_a[-1] if rows_a else {}), **a}, {**(rows_b[-1] if rows_b else {}), **b}
+    shown = [f"{k} {last_a[k]:.6g} | {last_b[k]:.6g}" for k in _HEADLINE if k in last_a]
+    print(f"\n  {stage} (1x8 | 2x4): " + "; ".join(shown))
+  print(f"  {checked} logged values compared")
   assert not bad, "\n".join(bad[:40])
 
 
