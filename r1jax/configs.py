@@ -169,7 +169,7 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
     from r1jax.rewards import RewardSpec
     from r1jax.rl.step import GRPOConfig
     g = GRPOConfig(**sc.grpo.to_dict())
-    RewardSpec.create([tuple(t) for t in sc.rewards])
+    RewardSpec.create([tuple(t) for t in sc.rewards]).check_available()
     if g.minibatch_size % n_dp:
       raise ValueError(f"grpo minibatch of {g.minibatch_size} completions is not a multiple "
                        f"of the {n_dp} data-parallel devices")

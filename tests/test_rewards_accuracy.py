@@ -1,7 +1,10 @@
 """Accuracy reward: equivalent forms pass; near-misses and hacks fail."""
 
+import random
+
 import pytest
 
+from r1jax.data.tasks import countdown
 from r1jax.rewards import accuracy, extract_answers, is_equivalent
 
 
@@ -87,3 +90,44 @@ def test_exact_match_and_format_score():
   assert accuracy("<think>a</think><answer>9</answer>", {"answer": 9}, format_score=0.1) == 1.0
   with pytest.raises(ValueError, match="unknown match mode"):
     is_equivalent("1", "2", "fuzzy")
+
+
+# Countdown (r1jax/data/tasks/countdown.py): numbers [2, 25, 28], target 39.
+COUNTDOWN = countdown.sample(random.Random(1))
+COUNTDOWN_RIGHT = ["(28 / 2) + 25", "25 + 28 / 2", "28 ÷ 2 + 25", "(25 + 28 / 2)"]
+COUNTDOWN_WRONG = [
+    "25 + 14",  # 14 is not given, though 25 + 14 = 39
+    "28 / 2 + 25 + 2 - 2",  # 2 used three times
+    "28 + 25 - 2",  # every number once, but 51
+    "39",  # the bare target: what a numeric comparison would accept
+    "28 / 2 + 25 = 39", "28/2+25 and 39",  # not an expression alone
+]
+
+
+def test_countdown_example_is_what_the_checker_expects():
+  assert COUNTDOWN["match"] == "countdown"
+  assert (COUNTDOWN["numbers"], COUNTDOWN["target"]) == ([2, 25, 28], 39)
+
+
+@pytest.mark.parametrize("expr", COUNTDOWN_RIGHT)
+def test_countdown_correct_equations_score_one(expr):
+  assert accuracy(f"<think>try</think><answer>{expr}</answer>", COUNTDOWN) == 1.0
+  assert accuracy(f"<think>try</think>so \\boxed{{{expr}}}", COUNTDOWN) == 1.0
+
+
+@pytest.mark.parametrize("expr", COUNTDOWN_WRONG)
+def test_countdown_illegal_equations_score_zero(expr):
+  completion = f"<think>try</think><answer>{expr}</answer>"
+  assert accuracy(completion, COUNTDOWN) == 0.0
+  assert accuracy(completion, COUNTDOWN, format_score=0.1) == 0.1
+
+
+def test_countdown_needs_every_candidate_right():
+  two = "<think>try</think>\\boxed{25 + 28 / 2} or \\boxed{28 + 25 - 2}"
+  assert accuracy(two, COUNTDOWN) == 0.0
+
+
+def test_unknown_match_mode_is_an_error_even_without_an_answer():
+  # Failing closed: a mode no checker handles must not quietly score 0.
+  with pytest.raises(ValueError, match="unknown match mode 'fuzzy'.*countdown"):
+    accuracy("no answer here", {"answer": "3", "match": "fuzzy"})

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from r1jax.rewards import REWARDS, RewardEvaluator, RewardSpec, make_reward_fn
+from r1jax.rewards import BOUNDS, REWARDS, RewardEvaluator, RewardSpec, make_reward_fn
 from r1jax.rewards import sandbox as sb
 
 GOOD = "<think>add them</think>\nThe answer is \\boxed{3}."
@@ -96,3 +96,48 @@ def test_length_mismatch_is_an_error():
       evaluator(["a", "b"], [{}])
     rewards, per_reward, _ = evaluator([], [])
     assert rewards.shape == (0,) and per_reward["format"].shape == (0,)
+
+
+def test_bounds_are_declared_and_checked_early():
+  terms = {t.name: t for t in RewardSpec.create(
+      [("accuracy", 1.0, {"format_score": 0.1}), ("overlong", 1.0), ("repetition", 2.0),
+       ("cosine_accuracy", 1.0, {"wrong": (-10.0, 0.0), "exceed": -10.0}),
+       ("format", -1.0)]).terms}
+  assert terms["accuracy"].bounds() == (0.0, 1.0)
+  assert terms["overlong"].bounds() == (-1.0, 0.0)
+  assert terms["repetition"].bounds() == (-1.0, 0.0)
+  assert terms["cosine_accuracy"].bounds() == (-10.0, 1.0)
+  # The worst value minimises weight × value: the top of the range for a negative weight.
+  assert [terms[n].worst() for n in ("accuracy", "overlong", "cosine_accuracy", "format")] == [
+      0.0, -1.0, -10.0, 1.0]
+  assert set(BOUNDS) == set(REWARDS)
+  with pytest.raises(ValueError, match="repetition.*range"):
+    RewardSpec.create([("repetition", 1.0, {"max_penalty": 0.5})])
+
+
+# A penalty's best value is 0: a completion that breaks it must not escape it.
+TOKENS = {"answer": "3", "language": "en", "completion_tokens": 10}
+
+
+def test_errors_and_timeouts_score_the_worst_value():
+  spec = RewardSpec.create([("overlong", 1.0), ("cosine_accuracy", 1.0), ("repetition", 0.5),
+                            ("language", -0.5)], timeout_s=1.0, num_workers=2)
+  completions = [GOOD, GOOD, HANG]
+  examples = [TOKENS, EXAMPLE, TOKENS]  # row 1 lacks completion_tokens: the shaping terms raise
+  examples[2] = {k: v for k, v in TOKENS.items() if k != "language"}  # language raises
+  with RewardEvaluator(spec) as evaluator:
+    rewards, per_reward, metrics = evaluator(completions, examples)
+  assert "KeyError" in evaluator.last_error["overlong"]
+  assert "completion_tokens" in evaluator.last_error["overlong"]
+  np.testing.assert_allclose(per_reward["overlong"], [0.0, -1.0, 0.0])
+  # Row 2 hangs math-verify inside cosine_accuracy: a timeout, worst = -1.
+  assert per_reward["cosine_accuracy"][0] > 0.9
+  np.testing.assert_allclose(per_reward["cosine_accuracy"][1:], [-1.0, -1.0])
+  np.testing.assert_allclose(per_reward["repetition"], [0.0, 0.0, 0.0])
+  np.testing.assert_allclose(per_reward["language"], [1.0, 1.0, 1.0])  # weight < 0: worst = 1
+  np.testing.assert_allclose(rewards, [per_reward["cosine_accuracy"][0] - 0.5, -2.5, -1.5])
+  assert metrics["reward/overlong/errors"] == 1.0
+  assert metrics["reward/cosine_accuracy/errors"] == 1.0
+  assert metrics["reward/cosine_accuracy/timeouts"] == 1.0
+  assert metrics["reward/language/errors"] == 1.0
+  assert metrics["reward/errors"] == 3.0 and metrics["reward/timeouts"] == 1.0

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from r1jax.rewards import (cosine_accuracy, dapo_overlong, format_checks, format_reward,
@@ -91,8 +92,15 @@ def test_dapo_overlong_matches_paper():
   assert dapo_overlong(30000, 20480, 4096) == -1.0
   assert overlong("x" * 15, {}, max_len=10, cache_len=5, unit="chars") == -1.0
   assert overlong("", {"completion_tokens": 8}, max_len=10, cache_len=4) == -0.5
-  with pytest.raises(KeyError, match="completion_tokens"):
+  with pytest.raises(KeyError, match="completion_tokens.*rollout"):
     overlong("abc", {})
+  # A count that is not one fails too, rather than reading as a short completion.
+  for bogus in (-1, 2.5, "8", None, True):
+    with pytest.raises(ValueError, match="token count"):
+      overlong("abc", {"completion_tokens": bogus})
+    with pytest.raises(ValueError, match="token count"):
+      cosine_accuracy("abc", {"answer": "3", "completion_tokens": bogus})
+  assert overlong("", {"completion_tokens": np.int32(8)}, max_len=10, cache_len=4) == -0.5
 
 
 def test_cosine_accuracy_endpoints():

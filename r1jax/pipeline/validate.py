@@ -42,6 +42,7 @@ def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
              n_devices: int | None = None) -> None:
   """Raises ConfigError; `n_devices` (default: the devices present) sizes the mesh."""
   from r1jax import configs  # the model and optimizer dataclasses validate themselves
+  from r1jax.rewards.sandbox import SandboxUnavailable
 
   if not c.pipeline:
     raise ConfigError("pipeline: empty; list the stages to run, e.g. ('pretrain', 'grpo')")
@@ -62,7 +63,7 @@ def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
                           f"(earlier: {seen})")
     try:
       configs.check_stage(c, name, n_devices)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, SandboxUnavailable) as e:
       raise ConfigError(f"stages.{name}: {e}") from None
     seen.append(name)
   if only:

@@ -12,18 +12,24 @@ even when 3 is right, and the same answer boxed twice is fine. More than
 `_MAX_CANDIDATES` distinct candidates, an unclosed box, unbalanced braces or
 an answer longer than `_MAX_ANSWER_CHARS` count as no answer.
 
-Matching ("match" kwarg, or `example["match"]` when the kwarg is None):
+Matching ("match" kwarg, or `example["match"]` when the kwarg is None), one
+checker per mode in `MATCHERS`:
 "math" (default) parses both sides with math-verify (numbers, fractions,
 LaTeX, sets, intervals, equations like `x=3`, symbolic equivalence); "exact"
-compares whitespace-normalised strings, for synthetic tasks that ask for it.
+compares whitespace-normalised strings, for synthetic tasks that ask for it;
+"countdown" checks the candidate as an equation over `example["numbers"]`
+(each used exactly once) equal to `example["target"]`, since many equations
+are right and `answer` is only one of them. An unknown mode is an error,
+never a quiet 0.
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
+from r1jax.data.tasks import countdown
 from r1jax.rewards import text
 
 _MAX_CANDIDATES = 3
@@ -97,6 +103,32 @@ def is_equivalent(gold: str, pred: str, match: str = "math") -> bool:
   return bool(math_verify.verify(gold_parsed, _parse(pred), timeout_seconds=_timeout()))
 
 
+# The matchers read the example's fields before looking at the completion, so
+# a malformed example is an error even when the completion has no answer.
+
+
+def _equivalent(mode: str) -> Callable[[Mapping[str, Any]], Callable[[str], bool]]:
+  def matcher(example: Mapping[str, Any]) -> Callable[[str], bool]:
+    gold = example["answer"]
+    gold = gold if isinstance(gold, str) else str(gold)  # datasets often store integers
+    return lambda pred: is_equivalent(gold, pred, mode)
+  return matcher
+
+
+def _countdown(example: Mapping[str, Any]) -> Callable[[str], bool]:
+  numbers, target = example["numbers"], example["target"]
+  countdown.check_countdown("", numbers, target)  # raises on malformed numbers/target
+  return lambda pred: countdown.check_countdown(pred, numbers, target)
+
+
+# match mode -> example -> (candidate -> correct?)
+MATCHERS: dict[str, Callable[[Mapping[str, Any]], Callable[[str], bool]]] = {
+    "math": _equivalent("math"),
+    "exact": _equivalent("exact"),
+    "countdown": _countdown,
+}
+
+
 def accuracy(completion: str, example: Mapping[str, Any], *, match: str | None = None,
              format_score: float = 0.0) -> float:
   """1.0 if every final answer is correct; `format_score` if wrong; 0 if none.
@@ -105,12 +137,12 @@ def accuracy(completion: str, example: Mapping[str, Any], *, match: str | None =
   (0.1 in its countdown task).
   """
   mode = match if match is not None else example.get("match", "math")
-  gold = example["answer"]
-  if not isinstance(gold, str):
-    gold = str(gold)  # datasets often store integers
+  if mode not in MATCHERS:
+    raise ValueError(f"unknown match mode {mode!r}; expected one of {sorted(MATCHERS)}")
+  is_correct = MATCHERS[mode](example)
   candidates = extract_answers(completion)
   if candidates is None:
     return 0.0
-  if all(is_equivalent(gold, c, mode) for c in candidates):
+  if all(is_correct(c) for c in candidates):
     return 1.0
   return float(format_score)

@@ -16,6 +16,10 @@ statement tests: anything else, executed in the child; passed when the
   candidate code cannot forge that report).
 
 Reward = fraction of tests passed (`binary=True`: 1 only if all pass).
+
+Where the sandbox cannot isolate (no namespaces, see sandbox.py) the reward
+refuses to run (`sandbox.SandboxUnavailable`) unless the config opts into the
+unsafe audit-hook sandbox: `("code", 1.0, {"allow_unsafe_sandbox": True})`.
 """
 
 from __future__ import annotations
@@ -120,8 +124,10 @@ class Outcome:
 
 def run_tests(code: str, tests: Sequence[str],
               limits: sandbox.SandboxLimits = sandbox.SandboxLimits(),
-              budget_s: float | None = None) -> list[Outcome]:
+              budget_s: float | None = None, *,
+              allow_unsafe_sandbox: bool = False) -> list[Outcome]:
   """Runs each test in its own sandbox; `budget_s` caps the total wall time."""
+  info = sandbox.sandbox_info(allow_unsafe=allow_unsafe_sandbox)
   deadline = time.monotonic() + (budget_s if budget_s is not None else float("inf"))
   outcomes = []
   for test in tests:
@@ -131,7 +137,8 @@ def run_tests(code: str, tests: Sequence[str],
       continue
     plan = plan_test(test)
     run = sandbox.run_job(code, plan.kind, plan.src,
-                          dataclasses.replace(limits, wall_s=min(limits.wall_s, left)))
+                          dataclasses.replace(limits, wall_s=min(limits.wall_s, left)),
+                          info=info)
     passed, status = False, run.status
     if run.status == "ok" and plan.check is None:
       passed = True
@@ -147,15 +154,23 @@ def run_tests(code: str, tests: Sequence[str],
 
 def code(completion: str, example: Mapping[str, Any], *, binary: bool = False,
          limits: sandbox.SandboxLimits = sandbox.SandboxLimits(),
-         budget_s: float = 10.0) -> float:
-  """Fraction of `example["tests"]` passed by the last Python block, in [0, 1]."""
+         budget_s: float = 10.0, allow_unsafe_sandbox: bool = False) -> float:
+  """Fraction of `example["tests"]` passed by the last Python block, in [0, 1].
+
+  `allow_unsafe_sandbox`: where no namespace sandbox works, run under the
+  audit-hook-only one instead of refusing (sandbox.py, "restricted").
+  """
+  # Refuse before anything else, so a misconfigured machine fails on the
+  # first call, not only on the first completion that has code.
+  sandbox.sandbox_info(allow_unsafe=allow_unsafe_sandbox)
   tests = example["tests"]
   if isinstance(tests, str) or not tests:
     raise ValueError("example['tests'] must be a non-empty list of statements")
   program = extract_code(completion)
   if program is None:
     return 0.0
-  outcomes = run_tests(program, list(tests), limits, budget_s)
+  outcomes = run_tests(program, list(tests), limits, budget_s,
+                       allow_unsafe_sandbox=allow_unsafe_sandbox)
   passed = sum(o.passed for o in outcomes)
   if binary:
     return float(passed == len(outcomes))

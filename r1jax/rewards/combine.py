@@ -8,12 +8,19 @@ Config shape (what the pipeline holds):
 Names and kwargs are checked when the spec is built (unknown name, unknown
 kwarg, duplicate, non-finite weight: ValueError listing what is allowed).
 
+Every reward declares its range in `BOUNDS` (from its options, e.g. a
+penalty's `max_penalty`). A term that fails scores its *worst* value, the end
+of the range that minimises weight × value: 0 would be the best value of a
+penalty (repetition, overlong), so a completion that breaks its reward would
+escape it.
+
 `RewardEvaluator(spec)` runs every (completion, example, reward) call in a
 pool of worker processes. Processes, not threads: math-verify times out with
 `signal.alarm` (main thread only) and a sympy or regex call stuck in C cannot
 be interrupted, only killed. A call past `timeout_s` gets its worker SIGKILLed
-and replaced; a call that raises or returns a non-finite value scores 0.
-Both are counted in the metrics, and the step goes on.
+and replaced; a call that raises, or returns a non-finite or out-of-range
+value, scores the term's worst value. Both are counted in the metrics
+(reward/<name>/timeouts, reward/<name>/errors), and the step goes on.
 """
 
 from __future__ import annotations
@@ -49,11 +56,50 @@ REWARDS: dict[str, RewardFn] = {
 }
 
 
+def _unit(options: Mapping[str, Any]) -> tuple[float, float]:
+  return 0.0, 1.0
+
+
+def _cosine(options: Mapping[str, Any]) -> tuple[float, float]:
+  values = [*options["correct"], *options["wrong"], options["exceed"]]
+  return min(values), max(values)
+
+
+# name -> (all keyword options, defaults filled in) -> (min, max) of the reward.
+BOUNDS: dict[str, Callable[[Mapping[str, Any]], tuple[float, float]]] = {
+    "accuracy": lambda o: (min(0.0, o["format_score"]), max(1.0, o["format_score"])),
+    "format": _unit,
+    "language": _unit,
+    "code": _unit,
+    "overlong": lambda o: (-1.0, 0.0),
+    "cosine_accuracy": _cosine,
+    "repetition": lambda o: (o["max_penalty"], 0.0),
+}
+if set(BOUNDS) != set(REWARDS):  # a reward without a range could not fail closed
+  raise ImportError(f"rewards without declared bounds: {sorted(set(REWARDS) ^ set(BOUNDS))}")
+
+# A value this far past its bound (relative) is float rounding, not a bug.
+_BOUND_TOLERANCE = 1e-9
+
+
 @dataclasses.dataclass(frozen=True)
 class RewardTerm:
   name: str
   weight: float = 1.0
   kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  def bounds(self) -> tuple[float, float]:
+    """(min, max) of the reward with these options."""
+    params = inspect.signature(REWARDS[self.name]).parameters.values()
+    options = {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    options.update(self.kwargs)
+    lo, hi = BOUNDS[self.name](options)
+    return float(lo), float(hi)
+
+  def worst(self) -> float:
+    """What a failed call scores: the end of the range that minimises weight × value."""
+    lo, hi = self.bounds()
+    return hi if self.weight < 0 else lo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +127,24 @@ class RewardSpec:
       if unknown:
         raise ValueError(f"reward {term.name!r} got unknown options {unknown}; "
                          f"allowed: {allowed}")
+      try:
+        lo, hi = term.bounds()
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"reward {term.name!r}: cannot tell its range from options "
+                         f"{dict(term.kwargs)} ({e})") from None
+      if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+        raise ValueError(f"reward {term.name!r} with options {dict(term.kwargs)} has range "
+                         f"[{lo}, {hi}]; it must be finite with min <= max")
     if not self.timeout_s > 0 or self.num_workers < 1:
       raise ValueError("timeout_s must be > 0 and num_workers >= 1")
+
+  def check_available(self) -> None:
+    """Fails now, not at the first rollout, where a term cannot run here: the code
+    reward without namespace isolation raises sandbox.SandboxUnavailable (fail closed;
+    a failure inside a worker would only score the term's worst value)."""
+    for term in self.terms:
+      if term.name == "code":
+        sandbox.sandbox_info(allow_unsafe=bool(term.kwargs.get(sandbox.UNSAFE_OPTION, False)))
 
   @classmethod
   def create(cls, terms: Sequence[tuple] | Mapping[str, float], **kwargs) -> RewardSpec:
@@ -119,7 +181,7 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
     try:
       value = float(REWARDS[name](completion, example, **kwargs))
       reply = (key, "ok", value) if math.isfinite(value) else (key, "error", "non-finite")
-    except Exception as e:  # noqa: BLE001 - any failure of a reward scores 0
+    except Exception as e:  # noqa: BLE001 - any failure scores the term's worst value
       reply = (key, "error", f"{type(e).__name__}: {e}"[:500])
     conn.send(reply)
 
@@ -142,10 +204,16 @@ class _Worker:
 
 
 class RewardEvaluator:
-  """`evaluator(completions, examples) -> (rewards [N], per_reward, metrics)`."""
+  """`evaluator(completions, examples) -> (rewards [N], per_reward, metrics)`.
+
+  `last_error[name]`: the latest failure of each term, as text, for the logs
+  (the metrics only count them).
+  """
 
   def __init__(self, spec: RewardSpec):
+    spec.check_available()
     self.spec = spec
+    self.last_error: dict[str, str] = {}
     # forkserver: workers never fork the (threaded, JAX-holding) trainer.
     self._ctx = multiprocessing.get_context("forkserver")
     # Preloaded once in the server, so a fresh or replacement worker does not
@@ -178,7 +246,10 @@ class RewardEvaluator:
       raise RuntimeError("RewardEvaluator is closed")
     start = time.monotonic()
     n = len(completions)
-    per_reward = {t.name: np.zeros(n, np.float64) for t in self.spec.terms}
+    # Every call starts at its worst value; only a call that returns an
+    # in-range value moves it, so a failure of any kind fails closed.
+    per_reward = {t.name: np.full(n, t.worst(), np.float64) for t in self.spec.terms}
+    bounds = {t.name: t.bounds() for t in self.spec.terms}
     counts = collections.Counter()
     tasks = collections.deque(
         ((t.name, i), t.name, dict(t.kwargs), completions[i], examples[i])
@@ -190,8 +261,9 @@ class RewardEvaluator:
           try:
             w.conn.send(task)
             w.task, w.started = task, time.monotonic()
-          except Exception:  # noqa: BLE001 - unpicklable example, dead worker
+          except Exception as e:  # noqa: BLE001 - unpicklable example, dead worker
             counts[f"{task[1]}/errors"] += 1
+            self.last_error[task[1]] = f"could not send the call: {type(e).__name__}: {e}"
             self._replace(w)
       busy = [w for w in self._workers if w.task is not None]
       if not busy:
@@ -204,15 +276,22 @@ class RewardEvaluator:
             (name, i), status, value = w.conn.recv()
           except (EOFError, OSError):  # the worker died (e.g. OOM-killed)
             counts[f"{w.task[1]}/errors"] += 1
+            self.last_error[w.task[1]] = "the worker died"
             self._replace(w)
             continue
           w.task = None
           if status == "ok":
-            per_reward[name][i] = value
-          else:
-            counts[f"{name}/errors"] += 1
+            lo, hi = bounds[name]
+            tol = _BOUND_TOLERANCE * max(1.0, abs(lo), abs(hi))
+            if lo - tol <= value <= hi + tol:
+              per_reward[name][i] = min(max(value, lo), hi)
+              continue
+            value = f"{value} is outside the declared range [{lo}, {hi}]"
+          counts[f"{name}/errors"] += 1
+          self.last_error[name] = value
         elif time.monotonic() - w.started >= self.spec.timeout_s:
           counts[f"{w.task[1]}/timeouts"] += 1
+          self.last_error[w.task[1]] = f"timed out after {self.spec.timeout_s} s"
           self._replace(w)
     rewards = sum(t.weight * per_reward[t.name] for t in self.spec.terms)
     metrics = {"reward/wall_s": time.monotonic() - start,

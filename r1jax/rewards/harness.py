@@ -5,10 +5,10 @@ It is not imported by r1jax: `sandbox.py` passes its source to
 
 Protocol. The parent writes one JSON job to stdin: the candidate's code, one
 test (an expression to evaluate, or statements to execute), a fresh random
-nonce, the number of the result pipe, the resource limits and, in isolated
-mode, the isolation spec. The harness reads it, isolates itself (below),
-applies the limits, installs an audit hook, runs the candidate code and then
-the test, and only if both finished normally writes
+nonce, the number of the result pipe, the resource limits and, in the
+namespace modes, the isolation spec. The harness reads it, isolates itself
+(below), applies the limits, installs an audit hook, runs the candidate code
+and then the test, and only if both finished normally writes
 `nonce + b" " + payload` to the result pipe and `_exit`s. The parent counts a
 test as passed only on that message; the exit status, stdout and stderr mean
 nothing. So `sys.exit(0)`, `os._exit(0)`, killing the harness, printing
@@ -25,52 +25,74 @@ the value itself, encoded here with builtins captured before candidate code
 ran, and the *parent* compares it with the expected literal: a forger would
 also need the expected value, which never enters the child.
 
-Isolation (isolated mode). The parent starts this file as a fresh interpreter
-(fork+exec done in C by `subprocess`, never Python in a forked copy of the
-multithreaded trainer), still as root; `_isolate` then does the namespace and
-uid switch itself, in this single-threaded process, before any candidate code
-exists. It forks once: the parent half stays outside the new PID namespace as
-a "keeper" that only waits; the child is the namespace's PID 1 and goes on to
-run the job. At the deadline the caller SIGKILLs PID 1 (or SIGTERMs the
-keeper, which then does it); when PID 1 dies the kernel kills and reaps
-everything in the namespace (setsid or fork bomb alike) before the keeper's
-`waitpid` returns, so the keeper's exit tells the caller that nothing of the
-run is left.
+Isolation (the "isolated" and "userns" modes). The parent starts this file as
+a fresh interpreter (fork+exec done in C by `subprocess`, never Python in a
+forked copy of the multithreaded trainer); `_isolate` then builds the sandbox
+itself, in this single-threaded process, before any candidate code exists. It
+unshares net/mount/PID/IPC namespaces, plus a user namespace when the caller
+is not root ("userns": the caller's uid is mapped to nobody inside, and the
+namespace's capabilities are dropped once the mounts are made). It forks once:
+the parent half stays outside the new PID namespace as a "keeper" that only
+waits; the child is the namespace's PID 1, mounts a fresh /proc (only the
+sandbox's processes are in it), pivots into a new root (read-only binds of the
+system directories, a few /dev nodes, a size-limited tmpfs as cwd: no /tmp, no
+home, no sockets of the trainer) and goes on to run the job. At the deadline
+the caller SIGKILLs PID 1 (or SIGTERMs the keeper, which then does it); when
+PID 1 dies the kernel kills and reaps everything in the namespace (setsid or
+fork bomb alike) before the keeper's `waitpid` returns, so the keeper's exit
+tells the caller that nothing of the run is left.
+
+Restricted mode has no namespaces; `_landlock` adds what the kernel can give
+an unprivileged process without them (the audit hook alone misses calls that
+raise no event, e.g. `os.mkfifo` or `_posixsubprocess.fork_exec`).
+
+Every mode: PDEATHSIG ties the harness to the process that started it, and a
+wall-clock alarm bounds code that sleeps (the CPU limit does not).
 """
 
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = (
-    0x00020000, 0x08000000, 0x20000000, 0x40000000)
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
-    1, 2, 4, 32, 4096, 16384, 1 << 18)
-_PR_SET_PDEATHSIG, _PR_SET_NO_NEW_PRIVS = 1, 38
+_CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = (
+    0x00020000, 0x10000000, 0x08000000, 0x20000000, 0x40000000)
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    2, 4, 8, 4096, 16384, 1 << 18)
+_MNT_DETACH = 2
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+# (pivot_root, mount_setattr): glibc wraps neither.
+_SYSCALLS = {"x86_64": (155, 442), "aarch64": (41, 442)}
+_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID = -100, 0x8000, 1, 2
+_INNER_ID = 65534  # userns: the caller's uid and gid appear as nobody inside
+# Landlock (same numbers on every architecture) and its access rights.
+_LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
+_LL_EXECUTE, _LL_READ = 1 << 0, (1 << 2) | (1 << 3)  # READ_FILE | READ_DIR
 
 
-def _isolate(spec):
-  """As root: new net/mount/PID/IPC namespaces, read-only shared dirs, a tmpfs
-  cwd and the run's own uid. Returns in the namespace's PID 1."""
+def _isolate(spec, libc, check):
+  """New namespaces, a fresh /proc, a read-only root with a tmpfs cwd and no
+  privilege left. Returns in the namespace's PID 1."""
   import ctypes
   import os
+  import platform
   import signal
 
-  libc = ctypes.CDLL(None, use_errno=True)
-
-  def check(ret, what):
-    if ret != 0:
-      err = ctypes.get_errno()
-      raise OSError(err, what + ": " + os.strerror(err))
-
-  # If the reward worker that started us is killed (per-call timeout), die
-  # too; PID 1 below dies with us, and the kernel then empties its namespace.
-  check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
-  if os.getppid() != spec["parent"]:  # it died before the line above
-    os._exit(1)
-  check(libc.unshare(_CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWIPC),
-        "unshare")
+  pivot_nr, setattr_nr = _SYSCALLS[platform.machine()]  # KeyError: fail closed
+  userns = spec["userns"]
+  flags = _CLONE_NEWNET | _CLONE_NEWNS | _CLONE_NEWPID | _CLONE_NEWIPC
+  check(libc.unshare(flags | (_CLONE_NEWUSER if userns else 0)), "unshare")
+  if userns:
+    # An unprivileged process may map exactly its own ids (and must deny
+    # setgroups first): the caller's uid becomes nobody inside.
+    outer_uid, outer_gid = spec["outer"]
+    for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (_INNER_ID, outer_uid)),
+                       ("gid_map", "%d %d 1" % (_INNER_ID, outer_gid))):
+      fd = os.open("/proc/self/" + name, os.O_WRONLY)
+      try:
+        os.write(fd, text.encode())
+      finally:
+        os.close(fd)
   # Until the keeper's handler is in place a SIGTERM must not kill it (that
   # would orphan PID 1): hold SIGTERM across the fork.
   signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
   pid = os.fork()
-  if pid:  # the keeper: outside the namespace, root, runs no candidate code
+  if pid:  # the keeper: outside the PID namespace, runs no candidate code
     def on_term(signum, frame):
       try:
         os.kill(pid, signal.SIGKILL)
@@ -87,23 +109,105 @@ def _isolate(spec):
     os._exit(0)
   check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
   signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-  check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
-  for d in spec["ro_dirs"]:
-    b = d.encode()
-    check(libc.mount(b, b, None, _MS_BIND | _MS_REC, None), "bind")
-    check(libc.mount(None, b, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID
-                     | _MS_NODEV, None), "remount ro")
-  uid, workdir = spec["uid"], spec["workdir"]
-  opts = "size=%dm,nr_inodes=4096,mode=0700,uid=%d,gid=%d" % (spec["disk_mb"], uid, uid)
-  check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
-                   opts.encode()), "mount tmpfs")
-  os.chdir(workdir)  # the old cwd is the directory under the new mount
+  inner = _INNER_ID if userns else spec["uid"]
+  _new_root(spec, inner, libc, check, pivot_nr, setattr_nr)
   check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-  os.setgroups([])
-  os.setresgid(uid, uid, uid)
-  os.setresuid(uid, uid, uid)
+  for cap in range(64):  # the bounding set: no exec can bring a capability back
+    if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+      break
+  if userns:
+    # The namespace's full capability set (it owns these mounts) goes: the
+    # candidate must not unmount the read-only binds or the new /proc.
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (ctypes.c_uint32 * 6)()  # effective, permitted, inheritable: all empty
+    check(libc.capset(header, data), "capset")
+  else:
+    # Root: a fresh uid of its own (unique per run) drops every capability.
+    os.setgroups([])
+    os.setresgid(inner, inner, inner)
+    os.setresuid(inner, inner, inner)
   # After the uid change (which clears it): die with the keeper.
   check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+
+
+def _new_root(spec, inner, libc, check, pivot_nr, setattr_nr):
+  """Pivots into a tmpfs root holding read-only binds, /proc and the cwd."""
+  import ctypes
+  import os
+
+  new = workdir = spec["workdir"]  # the root tmpfs goes on the (empty) workdir
+  check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
+  check(libc.mount(b"tmpfs", new.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                   b"size=1m,nr_inodes=1024,mode=0755"), "mount root")
+  for src in spec["binds"]:
+    dst = new + src
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.islink(src):  # e.g. /bin -> usr/bin
+      os.symlink(os.readlink(src), dst)
+      continue
+    if os.path.isdir(src):
+      os.makedirs(dst, exist_ok=True)
+    else:  # a device node: bound onto an empty file
+      os.close(os.open(dst, os.O_WRONLY | os.O_CREAT, 0o644))
+    check(libc.mount(src.encode(), dst.encode(), None, _MS_BIND | _MS_REC, None), "bind " + src)
+  os.makedirs(new + "/proc")
+  os.makedirs(new + workdir)
+  # Everything so far read-only and nosuid, submounts included.
+  attr = (ctypes.c_uint64 * 4)(_MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID, 0, 0, 0)
+  c_long = ctypes.c_long  # syscall() is variadic: pass full-width arguments
+  check(libc.syscall(c_long(setattr_nr), c_long(_AT_FDCWD), new.encode(), c_long(_AT_RECURSIVE),
+                     attr, c_long(32)), "mount_setattr")
+  check(libc.mount(b"proc", (new + "/proc").encode(), b"proc",
+                   _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None), "mount proc")
+  opts = "size=%dm,nr_inodes=4096,mode=0700,uid=%d,gid=%d" % (spec["disk_mb"], inner, inner)
+  check(libc.mount(b"tmpfs", (new + workdir).encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
+                   opts.encode()), "mount cwd")
+  os.chdir(new)
+  # pivot_root(".", "."): the old root ends up stacked on the new one, and
+  # detaching it leaves no path back to the host's file system.
+  check(libc.syscall(c_long(pivot_nr), b".", b"."), "pivot_root")
+  check(libc.umount2(b".", _MNT_DETACH), "detach old root")
+  os.chdir("/")
+  os.chdir(workdir)
+
+
+def _landlock(libc, cwd):
+  """Restricted mode's kernel layer, where the kernel has Landlock (5.13+):
+  no exec, file system changes only beneath `cwd`, and (by ABI) no TCP, no
+  signal or abstract socket out of the sandbox. Reading stays allowed.
+  False if Landlock is missing; raises if it is there but fails."""
+  import ctypes
+  import os
+
+  c_long = ctypes.c_long
+  abi = libc.syscall(c_long(_LL_CREATE), None, c_long(0), c_long(1))  # the ABI version
+  if abi < 1:
+    return False
+  fs = ((1 << 13) - 1) & ~_LL_READ  # ABI 1: EXECUTE, WRITE_FILE, REMOVE_*, MAKE_*
+  fs |= (1 << 13 if abi >= 2 else 0) | (1 << 14 if abi >= 3 else 0)  # REFER, TRUNCATE
+  fs |= 1 << 15 if abi >= 5 else 0  # IOCTL_DEV
+  fields = [fs] + ([3] if abi >= 4 else []) + ([3] if abi >= 6 else [])  # TCP; scopes
+  attr = (ctypes.c_uint64 * len(fields))(*fields)
+  ruleset = libc.syscall(c_long(_LL_CREATE), attr, c_long(8 * len(fields)), c_long(0))
+  if ruleset < 0:
+    raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+
+  class PathBeneath(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
+
+  fd = os.open(cwd, os.O_PATH | os.O_CLOEXEC)
+  try:
+    rule = PathBeneath(fs & ~_LL_EXECUTE, fd)
+    if libc.syscall(c_long(_LL_ADD_RULE), c_long(ruleset), c_long(1), ctypes.byref(rule),
+                    c_long(0)) != 0:
+      raise OSError(ctypes.get_errno(), "landlock_add_rule")
+    if libc.syscall(c_long(_LL_RESTRICT), c_long(ruleset), c_long(0)) != 0:
+      raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+  finally:
+    os.close(fd)
+    os.close(ruleset)
+  return True
 
 
 def _main():
@@ -137,17 +241,34 @@ def _main():
   devnull = os.open(os.devnull, os.O_RDONLY)
   os.dup2(devnull, 0)
   os.close(devnull)
-  if job["isolate"] is not None:
-    _isolate(job["isolate"])
+  import ctypes
+  import signal
 
-  try:
-    # Non-dumpable: /proc/<pid>/mem of this process is closed to other
-    # processes of the same uid (e.g. a program the candidate execs).
-    import ctypes
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
-    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
-  except Exception:  # noqa: BLE001 - best effort, the hook below still applies
-    pass
+  libc = ctypes.CDLL(None, use_errno=True)
+
+  def check(ret, what):
+    if ret != 0:
+      err = ctypes.get_errno()
+      raise OSError(err, what + ": " + os.strerror(err))
+
+  # If the reward worker that started us is killed (per-call timeout), die
+  # too; in the namespace modes PID 1 dies with us and the kernel then
+  # empties its namespace.
+  check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")
+  if os.getppid() != job["parent"]:  # it died before the line above
+    os._exit(1)
+  if job["isolate"] is not None:
+    _isolate(job["isolate"], libc, check)
+  # Non-dumpable: /proc/<pid>/mem of this process is closed to other
+  # processes of the same uid (e.g. a program the candidate execs).
+  check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "dumpable")
+  check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+  if job["isolate"] is None:
+    _landlock(libc, os.getcwd())  # needs no_new_privs
+  # Sleeping code is bounded by the wall clock too, not only by the caller:
+  # SIGALRM's default action kills, and `signal` is closed to the candidate.
+  signal.setitimer(signal.ITIMER_REAL, job["wall_s"] + 1.0)
+  del libc, check, ctypes, signal
   for name, value in job["rlimits"].items():
     limit = getattr(resource, name)
     try:
@@ -163,10 +284,12 @@ def _main():
   # new import has to pass the hook.
   for name in ("ctypes", "_ctypes", "signal", "_signal", "faulthandler"):
     sys.modules.pop(name, None)
+  restricted = bool(job["restricted"])
   blocked_imports = {
       "ctypes", "_ctypes", "signal", "_signal", "_testcapi", "_testinternalcapi",
       "_xxsubinterpreters", "faulthandler", "tracemalloc", "_tracemalloc"}
-  restricted = bool(job["restricted"])
+  if restricted:  # fork+exec in C that no audit event reports
+    blocked_imports |= {"_posixsubprocess", "_posixshmem", "_multiprocessing"}
   cwd = os.getcwd()
   # /proc/<pid>/mem and the fd links would expose this process's memory.
   hidden = ("/proc/", "/dev/fd/", "/dev/stdin", "/dev/stdout", "/dev/stderr")
@@ -219,6 +342,10 @@ def _main():
         if real is None or _any(real.startswith(p) for p in hidden):
           raise _PermissionError("path not allowed in the sandbox")
       if restricted and not _isinstance(path, _int) and outside(path):
+        if mode is None:
+          # os.open: a directory fd opened here would make every later
+          # dir_fd= call ("x", dir_fd=fd) look like a path inside the cwd.
+          raise _PermissionError("os.open outside the sandbox directory")
         writing = (_isinstance(mode, _str) and _any(c in mode for c in "wax+")) or (
             mode is None and _isinstance(flags, _int) and flags & _write_flags)
         if writing:

@@ -1,14 +1,17 @@
 """Length and repetition shaping terms used by the recipes.
 
-Lengths are in tokens and come from the example: the rollout puts the
-completion's token count in `example[length_key]` (default
-"completion_tokens"); `unit="chars"` uses `len(completion)` instead, for
-tests and tokenizer-free setups.
+Lengths are in tokens and come from the example: the rollout
+(`GRPOStep._rollout_round`) gives every row its own copy of the example with
+the completion's token count, EOS excluded, in `example[length_key]` (default
+"completion_tokens"). A missing or malformed count is an error, never length
+0; `unit="chars"` uses `len(completion)` instead, for tests and
+tokenizer-free setups.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,10 +23,16 @@ def _length(completion: str, example: Mapping[str, Any], unit: str, length_key: 
     return len(completion)
   if unit != "tokens":
     raise ValueError(f"unknown length unit {unit!r}; expected 'tokens' or 'chars'")
+  # No default: a missing or bogus count must fail (and score the term's worst
+  # value), not read as length 0 and escape the penalty.
   if length_key not in example:
-    raise KeyError(f"length shaping needs example[{length_key!r}] (the completion's "
-                   "token count) or unit='chars'")
-  return int(example[length_key])
+    raise KeyError(f"length shaping needs example[{length_key!r}], the completion's token "
+                   "count, which GRPOStep's rollout adds to every row; set it when scoring "
+                   "elsewhere, or use unit='chars'")
+  n = example[length_key]
+  if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+    raise ValueError(f"example[{length_key!r}] must be a token count (an int >= 0), got {n!r}")
+  return int(n)
 
 
 def dapo_overlong(length: int, max_len: int, cache_len: int) -> float:
