@@ -109,7 +109,7 @@ def test_config_round_trip(cfg):
                            param_dtype=cfg.param_dtype, remat=cfg.remat)
   # Fields transformers has no key for keep their defaults, and so do the
   # YaRN fields of a config without YaRN (they are inert there).
-  fields = ["mtp_loss_weight", "bias_update_rate", "seq_aux_loss_alpha", "scan_layers"]
+  fields = ["mtp_loss_weight", "bias_update_rate", "seq_aux_loss_alpha"]
   if not cfg.use_yarn:
     fields += ["original_max_position", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"]
   defaults = {f: getattr(ModelConfig(), f) for f in fields}

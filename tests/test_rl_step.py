@@ -122,7 +122,7 @@ def test_trainer_logprobs_match_the_sampler(grpo_step, params):
   for k in range(GCFG.n_minibatches):
     rows = slice(k * b, (k + 1) * b)
     chunk = {key: data[key][rows] for key in ("tokens", "positions", "valid", "mask")}
-    old, ref = grpo_step._logprob_fn(params, params, chunk)
+    old, ref, _ = grpo_step._logprob_fn(params, params, chunk)
     m = batch["mask"][rows]
     np.testing.assert_allclose(np.asarray(old)[m], batch["sampler_logp"][rows][m], atol=1e-4,
                                rtol=0)

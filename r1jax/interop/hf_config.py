@@ -23,7 +23,7 @@ def _rope_dict(hf: dict) -> dict:
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   """A ModelConfig from a Hugging Face DeepSeek-V3 config.json dict.
 
-  `overrides` set r1jax-only fields (dtype, param_dtype, scan_layers, ...)."""
+  `overrides` set r1jax-only fields (dtype, param_dtype, remat, ...)."""
   arch = hf.get("architectures") or []
   if hf.get("model_type") != "deepseek_v3" and "DeepseekV3ForCausalLM" not in arch:
     raise ValueError(f"not a DeepSeek-V3 config (model_type={hf.get('model_type')!r}, "

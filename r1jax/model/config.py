@@ -66,7 +66,6 @@ class ModelConfig:
   # Numerics and compilation.
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
-  scan_layers: bool = True
   remat: bool = False
 
   def __post_init__(self):

@@ -87,7 +87,11 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
 
 
 class MTP(nn.Module):
-  """One multi-token-prediction depth: h' = M·[RMSNorm(emb); RMSNorm(h)] → block."""
+  """One multi-token-prediction depth: h' = M·[RMSNorm(emb); RMSNorm(h)] → block.
+
+  Returns (the block's output h^k, its final-normed form for the head, the
+  block's MoE aux). Depth k+1 takes h^k, not the normed form (V3 report §2.2).
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -99,7 +103,7 @@ class MTP(nn.Module):
     x = Linear((2 * c.d_model,), (c.d_model,), ("mtp_embed", "embed"), dt, pdt,
                name="eh_proj")(jnp.concatenate([e, h], axis=-1))
     x, (aux, _) = Block(c, moe=c.n_moe_layers > 0, name="block")(x, None, pos_BxT, valid_BxT, None)
-    return RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt, name="norm")(x), aux
+    return x, RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt, name="norm")(x), aux
 
 
 class Transformer(nn.Module):
@@ -144,7 +148,8 @@ class Transformer(nn.Module):
     """Training form. Returns logits [B,T,V] (float32), or (logits, aux) with
     aux = {"expert_load": [L_moe, E], "balance": [L_moe],
            "mtp_logits": [depth, B, T, V] where entry k-1 at position i predicts
-           token i+k+1}. `valid` marks real (non-padding) tokens."""
+           token i+k+1, and when the MTP block is MoE "mtp_expert_load"
+           [depth, E], "mtp_balance" [depth]}. `valid` marks real tokens."""
     c = self.cfg
     B, T = tokens_BxT.shape
     if positions_BxT is None:
@@ -156,18 +161,19 @@ class Transformer(nn.Module):
     h_BxTxD = self.final_norm(x)
     logits_BxTxV = self.head(h_BxTxD)
     run_mtp = c.mtp_depth > 0 and (return_aux or self.is_initializing())
-    mtp_logits = []
-    mtp_balance = []
+    mtp_logits, mtp_aux = [], []
     if run_mtp:
+      # Depth 1 takes the main model's final-normed output (as vLLM and SGLang
+      # feed DeepSeek's MTP layer); depth k > 1 the previous block's output.
       h = h_BxTxD
       for k, module in enumerate(self.mtp, start=1):
         # Depth k at position i sees token i+k and predicts token i+k+1.
         shifted = jnp.concatenate([tokens_BxT[:, k:], jnp.zeros((B, k), tokens_BxT.dtype)], 1)
         ok = valid_BxT & (jnp.arange(T) < T - k)[None]
-        h, aux_k = module(h, shard_batch(self.embed(shifted)), positions_BxT, ok)
-        mtp_logits.append(self.head(h))
+        h, normed, aux_k = module(h, shard_batch(self.embed(shifted)), positions_BxT, ok)
+        mtp_logits.append(self.head(normed))
         if aux_k:
-          mtp_balance.append(aux_k["balance"])
+          mtp_aux.append(aux_k)
     if not return_aux:
       return logits_BxTxV
     aux = {}
@@ -176,6 +182,10 @@ class Transformer(nn.Module):
       aux["balance"] = moe_aux["balance"]
     if mtp_logits:
       aux["mtp_logits"] = jnp.stack(mtp_logits)
+    if mtp_aux:
+      # The MTP blocks' MoE is balanced like the main stack's (bias rule and loss).
+      aux["mtp_expert_load"] = jnp.stack([a["load"] for a in mtp_aux])
+      aux["mtp_balance"] = jnp.stack([a["balance"] for a in mtp_aux])
     return logits_BxTxV, aux
 
   def decode(self, tokens_BxT, positions_BxT, cache: LatentCache, start, valid_BxS):

@@ -279,11 +279,20 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                                       start_step=int(state.step),
                                       show=("reward/mean", "accuracy", "kl"), desc=name)
     rng = jax.random.key(ctx.c.seed + 11)
+    # A GRPO step counts as refused when any of its updates was (skipped_nonfinite is
+    # the fraction of them); that many steps in a row stop the stage.
+    guard = trainer.NonFiniteGuard(name, ocfg.max_nonfinite_steps)
     while int(state.step) < sc.steps:
       state, m = step_fn(state, examples, rng)
       step = int(state.step)
-      if step % sc.log_every == 0 or step == sc.steps:
+      if step % sc.log_every == 0 or step == sc.steps or m["skipped_nonfinite"]:
         writer.write(step, m)
+      try:
+        guard(step, m["skipped_nonfinite"])
+      except ckpt_lib.NonFiniteError:
+        writer.close()  # the refused steps' metrics and the finished checkpoints stay
+        ckpt.close()
+        raise
       if ckpt.save(step, state, examples.state(), force=step == sc.steps):
         writer.flush()
     writer.close()

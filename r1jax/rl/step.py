@@ -14,7 +14,10 @@ Python orchestrates; the heavy parts are pure jitted functions:
 sampler: the ratio then starts at exactly 1, and the sampler/trainer mismatch
 (small in f32, larger in bf16) is measured and, with `tis_cap`, corrected by
 truncated importance sampling (Yao et al. 2025): each token's surrogate is
-weighted by min(π_old,trainer / π_old,sampler, tis_cap).
+weighted by min(π_old,trainer / π_old,sampler, tis_cap). The trainer's π_old,
+π_θ and π_ref are all softmax(logits / temperature), the sampling temperature
+(as TRL and verl); π_old,sampler is what the sampler drew from, top-k/top-p
+included (`Rollout.logprobs`), so the TIS weight also corrects for truncation.
 
 A sequence is [prompt (left-padded to P slots); completion (N slots)]; a slot's
 RoPE position is slot − pad count, as in the sampler.
@@ -133,8 +136,9 @@ class GRPOConfig:
     return self.num_iterations * self.n_minibatches
 
   def loss_options(self) -> tuple[tuple[str, Any], ...]:
-    """grpo_loss's keyword arguments, hashable (the jitted programs' cache key)."""
-    return (("eps_low", self.eps_low), ("eps_high", self.eps_high), ("beta", self.beta),
+    """make_loss_fn's keyword arguments, hashable (the jitted programs' cache key)."""
+    return (("temperature", self.temperature),
+            ("eps_low", self.eps_low), ("eps_high", self.eps_high), ("beta", self.beta),
             ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation),
             ("max_len", self.max_len or self.max_new_tokens))
 
@@ -196,7 +200,8 @@ class GRPOStep:
     self.cfg, self.gcfg, self.ocfg = cfg, gcfg, ocfg
     self.reward_fn, self.decode, self.encode = reward_fn, decode, encode
     self.eos_id, self.pad_id, self.mesh = eos_id, pad_id, mesh
-    self.optimizer, self._logprob_fn, self._copy = _programs(cfg, ocfg)
+    self.optimizer, self._logprob_fn, self._copy = _programs(cfg, ocfg, gcfg.temperature,
+                                                             gcfg.top_p, gcfg.top_k)
     self._lr = optim.schedule(ocfg)
 
   # -- state
@@ -276,16 +281,18 @@ class GRPOStep:
                 rng=rng, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
                 eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
     out = multihost.allgather(dict(tokens=ro.tokens, mask=ro.mask, finished=ro.finished,
-                                   lengths=ro.lengths, sampler_logp=ro.model_logprobs))
+                                   lengths=ro.lengths, sampler_logp=ro.logprobs))
     t1 = time.perf_counter()
     # Each process detokenises and scores only the rows it owns; the rewards are
     # then gathered, since a group's advantages need all of its rewards.
     B = len(lengths_B)
     rows = multihost.my_rows(ro.lengths)
-    texts = [self.decode([int(t) for t in out["tokens"][i, :out["lengths"][i] -
-                                                         int(out["finished"][i])]])
-             for i in rows]
-    rewards, per_reward, reward_metrics = self.reward_fn(texts, [exs[i // G] for i in rows])
+    # A row's completion is its tokens without the EOS. Each row gets its own
+    # copy of its prompt's example with that token count, for the length rewards.
+    n_tokens = [int(out["lengths"][i]) - int(out["finished"][i]) for i in rows]
+    texts = [self.decode([int(t) for t in out["tokens"][i, :n]]) for i, n in zip(rows, n_tokens)]
+    row_examples = [{**exs[i // G], "completion_tokens": n} for i, n in zip(rows, n_tokens)]
+    rewards, per_reward, reward_metrics = self.reward_fn(texts, row_examples)
     out["rewards"] = multihost.gather_rows(np.asarray(rewards, np.float64), rows, B)
     out["per_reward"] = {k: multihost.gather_rows(np.asarray(v, np.float64), rows, B)
                          for k, v in sorted(per_reward.items())}
@@ -345,21 +352,30 @@ class GRPOStep:
     data = training_arrays(batch, adv_B, mask_truncated=g.mask_truncated)
     metrics["zero_adv_group_frac"] = float(grpo.zero_advantage_fraction(adv_B, g.group_size))
 
-    # π_old (the trainer's recomputation) and π_ref, minibatch by minibatch.
+    # π_old (the trainer's recomputation) and π_ref, minibatch by minibatch, at
+    # the sampling temperature; also π_old under the sampler's top-k/top-p cut.
     b = g.minibatch_size
-    olds, refs = [], []
+    olds, refs, sampled = [], [], []
     for k in range(g.n_minibatches):
       chunk = self._put({key: data[key][k * b:(k + 1) * b]
                          for key in ("tokens", "positions", "valid", "mask")})
-      old, ref = self._logprob_fn(state.params, state.ref_params, chunk)
+      old, ref, old_sampled = self._logprob_fn(state.params, state.ref_params, chunk)
       olds.append(old)
       refs.append(ref)
+      sampled.append(old_sampled)
     data["old_logp"] = np.concatenate(multihost.allgather(olds)).astype(np.float32)
     if state.ref_params is not None:
       data["ref_logp"] = np.concatenate(multihost.allgather(refs)).astype(np.float32)
     t1 = time.perf_counter()
-    metrics.update(self._mismatch(data["old_logp"], batch["sampler_logp"], batch["mask"]))
+    truncated = g.top_k > 0 or g.top_p < 1.0
+    sampled_BxN = (np.concatenate(multihost.allgather(sampled)) if truncated
+                   else data["old_logp"])
+    metrics.update(self._mismatch(data["old_logp"], sampled_BxN, batch["sampler_logp"],
+                                  batch["mask"]))
     if g.tis_cap > 0:
+      # π_old,trainer (untruncated: the policy the loss trains) over what the
+      # sampler drew from: the importance weight of the behaviour actually used.
+      # With top-k/top-p it includes the kept mass (w ≤ 1 but for numerics).
       log_w_BxN = np.where(batch["mask"], data["old_logp"] - batch["sampler_logp"], 0.0)
       w_BxN = np.minimum(np.exp(log_w_BxN), g.tis_cap)
       data["tis_weights"] = w_BxN.astype(np.float32)
@@ -418,9 +434,26 @@ class GRPOStep:
     return m
 
   @staticmethod
-  def _mismatch(old_BxN: np.ndarray, sampler_BxN: np.ndarray, mask_BxN: np.ndarray
-                ) -> dict[str, float]:
-    """|trainer − sampler| log-prob of the same tokens under the same params."""
-    d = np.abs(old_BxN - sampler_BxN)[mask_BxN]
+  def _mismatch(old_BxN: np.ndarray, sampled_BxN: np.ndarray, sampler_BxN: np.ndarray,
+                mask_BxN: np.ndarray) -> dict[str, float]:
+    """The trainer's π_old against the sampler's record of the same tokens, same params.
+
+    logp_mismatch: |trainer − sampler| log-prob under the one distribution the
+    sampler drew from (temperature and top-k/top-p on both sides): numerics
+    alone (bf16, kernels), ~1e-6 in f32. A sampled token that the trainer's own
+    cut drops (a near-tie at the top-k/top-p edge) counts in
+    logp_mismatch/outside_frac instead of the mean and max.
+    logp_truncation/mean: sampler − trainer π_old (untruncated), i.e. −log of
+    the probability mass top-k/top-p kept: ≥ 0, 0 without truncation. It is how
+    far the sampled distribution is from the trained one.
+    """
+    mask_BxN = np.asarray(mask_BxN, bool)
+    sampled_BxN = np.asarray(sampled_BxN, np.float64)
+    inside_BxN = mask_BxN & np.isfinite(sampled_BxN)
+    d = np.abs(sampled_BxN - sampler_BxN)[inside_BxN]
+    gap = (sampler_BxN - old_BxN)[mask_BxN]
     return {"logp_mismatch/mean": float(d.mean()) if d.size else 0.0,
-            "logp_mismatch/max": float(d.max()) if d.size else 0.0}
+            "logp_mismatch/max": float(d.max()) if d.size else 0.0,
+            "logp_mismatch/outside_frac": float((mask_BxN & ~inside_BxN).sum()
+                                                / max(mask_BxN.sum(), 1)),
+            "logp_truncation/mean": float(gap.mean()) if gap.size else 0.0}

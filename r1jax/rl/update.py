@@ -23,6 +23,7 @@ import optax
 
 from r1jax.model import ModelConfig, Transformer
 from r1jax.rl import grpo
+from r1jax.rl.rollout import _truncate
 from r1jax.train import optim, sft
 
 @flax.struct.dataclass
@@ -71,31 +72,53 @@ def training_arrays(batch: Mapping[str, np.ndarray], advantages_B: np.ndarray, *
               advantages=np.asarray(advantages_B, np.float32))
 
 
-def sequence_logprobs(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions_BxL: jax.Array,
-                      valid_BxL: jax.Array, *, completion_len: int
-                      ) -> tuple[jax.Array, jax.Array, dict]:
-  """Teacher-forced log-probs of the last `completion_len` tokens, at temperature 1.
-
-  Returns (logp [B, N], entropy of the policy at each of those steps [B, N],
-  the model's aux outputs). Logits at slot P−1+j predict completion token j.
-  """
+def completion_logits(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+                      valid_BxL: jax.Array, *, completion_len: int, temperature: float = 1.0
+                      ) -> tuple[jax.Array, dict]:
+  """(float32 logits / temperature predicting the last `completion_len` tokens [B, N, V],
+  the model's aux outputs). Logits at slot P−1+j predict completion token j."""
   L = tokens_BxL.shape[1]
   N = completion_len
   # RL trains no MTP head: build the model without it (its params are ignored).
   model = Transformer(cfg.replace(mtp_depth=0))
   logits_BxLxV, aux = model.apply({"params": params}, tokens_BxL, positions_BxL, valid_BxL,
                                   return_aux=True)
-  logp_BxNxV = jax.nn.log_softmax(logits_BxLxV[:, L - N - 1:L - 1].astype(jnp.float32), axis=-1)
-  logp_BxN = jnp.take_along_axis(logp_BxNxV, tokens_BxL[:, L - N:, None], axis=-1)[..., 0]
-  entropy_BxN = -jnp.sum(jnp.exp(logp_BxNxV) * logp_BxNxV, axis=-1)
+  return logits_BxLxV[:, L - N - 1:L - 1].astype(jnp.float32) / temperature, aux
+
+
+def token_logprobs(logits_BxNxV: jax.Array, tokens_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(log-softmax of the logits at the given tokens [B, N], the entropy at each step [B, N])."""
+  logp_BxNxV = jax.nn.log_softmax(logits_BxNxV, axis=-1)
+  logp_BxN = jnp.take_along_axis(logp_BxNxV, tokens_BxN[..., None], axis=-1)[..., 0]
+  # exp(-inf) · -inf is nan: tokens cut by top-k/top-p add 0 to the entropy.
+  entropy_BxN = -jnp.sum(jnp.where(jnp.isfinite(logp_BxNxV),
+                                   jnp.exp(logp_BxNxV) * logp_BxNxV, 0.0), axis=-1)
+  return logp_BxN, entropy_BxN
+
+
+def sequence_logprobs(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+                      valid_BxL: jax.Array, *, completion_len: int, temperature: float = 1.0
+                      ) -> tuple[jax.Array, jax.Array, dict]:
+  """Teacher-forced log-probs of the last `completion_len` tokens under softmax(logits / T).
+
+  T is the sampling temperature: π_old, π_θ and π_ref are then the distribution
+  the completions were drawn from (before top-k/top-p, as in TRL and verl), not
+  the raw model's. Returns (logp [B, N], entropy of that policy at each of
+  those steps [B, N], the model's aux outputs).
+  """
+  N = completion_len
+  logits_BxNxV, aux = completion_logits(cfg, params, tokens_BxL, positions_BxL, valid_BxL,
+                                        completion_len=N, temperature=temperature)
+  logp_BxN, entropy_BxN = token_logprobs(logits_BxNxV, tokens_BxL[:, -N:])
   return logp_BxN, entropy_BxN, aux
 
 
-def make_loss_fn(cfg: ModelConfig, **loss_options) -> Callable:
+def make_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, **loss_options) -> Callable:
   """loss_fn(params, batch, rng) -> (loss, metrics) over one minibatch.
 
   batch: tokens/positions/valid [b, L]; mask, old_logp [b, N]; advantages [b];
-  optional ref_logp and tis_weights [b, N]. Adds the V3 sequence-wise balance
+  optional ref_logp and tis_weights [b, N]. π_θ is taken at the sampling
+  `temperature`, like old_logp and ref_logp. Adds the V3 sequence-wise balance
   loss (α = cfg.seq_aux_loss_alpha); MTP's loss is not used in RL.
   """
 
@@ -103,7 +126,8 @@ def make_loss_fn(cfg: ModelConfig, **loss_options) -> Callable:
     del rng  # nothing stochastic in the forward pass; kept for the common signature
     N = batch["mask"].shape[1]
     logp_bxN, entropy_bxN, aux = sequence_logprobs(
-        cfg, params, batch["tokens"], batch["positions"], batch["valid"], completion_len=N)
+        cfg, params, batch["tokens"], batch["positions"], batch["valid"], completion_len=N,
+        temperature=temperature)
     loss, metrics = grpo.grpo_loss(
         logp_bxN, batch["old_logp"], batch["ref_logp"] if "ref_logp" in batch else None,
         batch["advantages"], batch["mask"], entropy_BxT=entropy_bxN,
@@ -124,24 +148,41 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
   """train_step(state, batch, rng) -> (state, metrics); jit it with donated state."""
 
   def train_step(state: RLState, batch: dict, rng: jax.Array):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    # A non-finite loss or gradient refuses the update (metrics["skipped_nonfinite"]).
     params, opt_state, metrics = sft.apply_gradients(cfg, optimizer, state.params,
-                                                     state.opt_state, grads, metrics)
+                                                     state.opt_state, grads, loss, metrics)
     return state.replace(params=params, opt_state=opt_state), metrics
 
   return train_step
 
 
-def make_logprob_fn(cfg: ModelConfig) -> Callable:
-  """logprob_fn(params, ref_params, batch) -> (old_logp [b, N], ref_logp [b, N] or None)."""
+def make_logprob_fn(cfg: ModelConfig, temperature: float = 1.0, top_p: float = 1.0,
+                    top_k: int = 0) -> Callable:
+  """logprob_fn(params, ref_params, batch) -> (old_logp, ref_logp or None, sampled_logp), [b, N].
+
+  old_logp and ref_logp are at the sampling temperature (the loss's π_old and
+  π_ref). sampled_logp is π_old's log-prob under the distribution the sampler
+  actually drew from, top-k/top-p applied as in `rollout.select_tokens`; it
+  equals old_logp without truncation. Only the sampler/trainer mismatch reads it.
+  """
 
   def logprob_fn(params, ref_params, batch: dict):
     N = batch["mask"].shape[1]
     args = (batch["tokens"], batch["positions"], batch["valid"])
-    old = sequence_logprobs(cfg, params, *args, completion_len=N)[0]
-    ref = None if ref_params is None else sequence_logprobs(cfg, ref_params, *args,
-                                                            completion_len=N)[0]
-    return old, ref
+    tokens_bxN = batch["tokens"][:, -N:]
+    logits_bxNxV = completion_logits(cfg, params, *args, completion_len=N,
+                                     temperature=temperature)[0]
+    old = token_logprobs(logits_bxNxV, tokens_bxN)[0]
+    sampled = old
+    if top_k or top_p < 1.0:
+      b, _, V = logits_bxNxV.shape
+      # The sampler's own cut, so both sides truncate by one rule.
+      cut_bxNxV = _truncate(logits_bxNxV.reshape(b * N, V), top_k, top_p)
+      sampled = token_logprobs(cut_bxNxV.reshape(b, N, V), tokens_bxN)[0]
+    ref = None if ref_params is None else sequence_logprobs(
+        cfg, ref_params, *args, completion_len=N, temperature=temperature)[0]
+    return old, ref, sampled
 
   return logprob_fn
 
@@ -150,10 +191,11 @@ def make_logprob_fn(cfg: ModelConfig) -> Callable:
 # optimizer (tests, notebooks, pipeline stages), so each compiles once.
 
 @functools.lru_cache(maxsize=8)
-def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig):
-  """(optimizer, logprob_fn, copy)."""
+def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig, temperature: float = 1.0,
+              top_p: float = 1.0, top_k: int = 0):
+  """(optimizer, logprob_fn, copy); the log-probs follow the sampling settings."""
   optimizer = optim.make_optimizer(ocfg)
-  logprob_fn = jax.jit(make_logprob_fn(cfg))
+  logprob_fn = jax.jit(make_logprob_fn(cfg, temperature, top_p, top_k))
   # A real copy: params and ref_params must not share buffers when the state is donated.
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
   return optimizer, logprob_fn, copy

@@ -7,9 +7,27 @@ restarts from the last saved step on the very next batch it would have seen.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from r1jax import storage
+
+
+class NonFiniteError(RuntimeError):
+  """A NaN or inf where training needs finite numbers; the run stops rather than go on."""
+
+
+@jax.jit
+def _finite_leaves(leaves: list) -> list:
+  return [jnp.all(jnp.isfinite(x)) for x in leaves]
+
+
+def nonfinite_paths(tree) -> list[str]:
+  """Paths of the floating leaves of `tree` holding a NaN or inf."""
+  flat = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
+          if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+  ok = jax.device_get(_finite_leaves([x for _, x in flat]))
+  return [path for (path, _), good in zip(flat, ok) if not good]
 
 
 class Checkpointer:
@@ -25,6 +43,17 @@ class Checkpointer:
     return self._mngr.latest_step()
 
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
+    """Saves when the interval (or `force`) says so; returns whether it did.
+
+    Raises NonFiniteError rather than write a state holding a NaN or inf: the
+    last checkpoint must stay one a resume can train from."""
+    if not force and not self._mngr.should_save(step):
+      return False
+    bad = nonfinite_paths(state)
+    if bad:
+      more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+      raise NonFiniteError(f"refusing to write checkpoint step {step} to {self.directory}: "
+                           f"non-finite values in state{bad[0]}{more}")
     return self._mngr.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 

@@ -25,6 +25,8 @@ class OptimConfig:
   eps: float = 1e-8
   weight_decay: float = 0.1
   grad_clip_norm: float = 1.0
+  # Updates with a non-finite loss or gradient are refused; this many in a row stop the run.
+  max_nonfinite_steps: int = 5
 
   def __post_init__(self):
     if self.learning_rate <= 0 or self.total_steps <= 0:
@@ -32,6 +34,8 @@ class OptimConfig:
     if not 0 <= self.warmup_steps <= self.total_steps:
       raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, total_steps="
                        f"{self.total_steps}]")
+    if self.max_nonfinite_steps < 1:
+      raise ValueError(f"max_nonfinite_steps={self.max_nonfinite_steps} must be at least 1")
 
 
 def _path_str(path) -> str:

@@ -68,23 +68,42 @@ def loss_fn(params, batch: dict, cfg: ModelConfig):
     metrics["mtp_loss"] = mtp_loss
   if "balance" in aux:
     balance = jnp.sum(aux["balance"])
+    load_LxE = aux["expert_load"]
+    if "mtp_balance" in aux:
+      # The MTP blocks' MoE layers count like the main stack's: in the loss, and
+      # as extra rows of the load (one per depth) for the bias rule.
+      metrics["mtp_balance_loss"] = jnp.sum(aux["mtp_balance"])
+      balance = balance + metrics["mtp_balance_loss"]
+      load_LxE = jnp.concatenate([load_LxE, aux["mtp_expert_load"]], axis=0)
     loss = loss + cfg.seq_aux_loss_alpha * balance
     metrics["balance_loss"] = balance
-    metrics["expert_load"] = aux["expert_load"]
+    metrics["expert_load"] = load_LxE
   metrics["loss"] = loss
   return loss, metrics
 
 
 def apply_bias_update(params, expert_load_LxE, rate: float):
-  """b += γ·sign(mean_load − load) for the main model's MoE stack."""
+  """b += γ·sign(mean_load − load) for the MoE stack, then the MTP blocks.
+
+  Rows of the load: the main stack's L_moe layers, then one per MTP depth
+  when the loss ran MTP (RL does not: its MTP routers stay as they are).
+  """
   if "moe_layers" not in params or not rate:
     return params
   router = params["moe_layers"]["moe"]["router"]
-  new_bias = jax.vmap(update_router_bias, in_axes=(0, 0, None))(router["bias"], expert_load_LxE,
-                                                                 rate)
+  n_main = router["bias"].shape[0]
+  new_bias = jax.vmap(update_router_bias, in_axes=(0, 0, None))(
+      router["bias"], expert_load_LxE[:n_main], rate)
   new_router = {**router, "bias": new_bias}
   moe = {**params["moe_layers"]["moe"], "router": new_router}
-  return {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
+  params = {**params, "moe_layers": {**params["moe_layers"], "moe": moe}}
+  for k in range(expert_load_LxE.shape[0] - n_main):
+    mtp = params[f"mtp_{k}"]
+    router = mtp["block"]["moe"]["router"]
+    bias = update_router_bias(router["bias"], expert_load_LxE[n_main + k], rate)
+    moe = {**mtp["block"]["moe"], "router": {**router, "bias": bias}}
+    params = {**params, f"mtp_{k}": {**mtp, "block": {**mtp["block"], "moe": moe}}}
+  return params
 
 
 def max_violation(expert_load_LxE) -> jax.Array:
@@ -97,27 +116,53 @@ def init_state(params, optimizer: optax.GradientTransformation) -> TrainState:
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
 
+def all_finite(tree) -> jax.Array:
+  """True iff every element of every floating leaf of `tree` is finite."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def apply_gradients(cfg: ModelConfig, optimizer: optax.GradientTransformation, params,
-                    opt_state, grads, metrics: dict):
+                    opt_state, grads, loss, metrics: dict):
   """One optimizer update, then the routers' bias rule from the step's expert loads.
 
-  Returns (params, opt_state, metrics with max_vio and grad_norm)."""
-  updates, opt_state = optimizer.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
+  A non-finite loss, gradient or updated parameter refuses the whole update: params
+  (router biases included) and optimizer state come back unchanged and
+  metrics["skipped_nonfinite"] is 1. Not optax.apply_if_finite: it checks only
+  the gradients, changes the optimizer state's structure, and applies the update
+  anyway after N refusals; here the caller counts refusals and stops the run.
+
+  Returns (params, opt_state, metrics with max_vio, grad_norm, skipped_nonfinite)."""
+  finite = jnp.isfinite(loss) & all_finite(grads)
+  updates, new_opt_state = optimizer.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
   if "expert_load" in metrics:
-    params = apply_bias_update(params, metrics["expert_load"], cfg.bias_update_rate)
-    metrics["max_vio"] = max_violation(metrics.pop("expert_load"))
+    load_LxE = metrics.pop("expert_load")
+    new_params = apply_bias_update(new_params, load_LxE, cfg.bias_update_rate)
+    metrics["max_vio"] = max_violation(load_LxE)
+  # An update that overflows (a huge learning rate) is refused the same way.
+  finite = finite & all_finite(new_params)
+  # A select, not lax.cond: XLA fuses it into the update, and a device-side branch
+  # can cost a host round trip on GPU.
+  keep = lambda new, old: jnp.where(finite, new, old)
+  params = jax.tree.map(keep, new_params, params)
+  opt_state = jax.tree.map(keep, new_opt_state, opt_state)
   metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["skipped_nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
   return params, opt_state, metrics
 
 
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation):
-  """train_step(state, batch) -> (state, metrics); pure, jit it with donated state."""
+  """train_step(state, batch) -> (state, metrics); pure, jit it with donated state.
+
+  The step counter advances even when the update is refused (non-finite loss or
+  gradient): the batch is consumed, so the step stays the data iterator's position
+  and a resume continues on the batch after it."""
 
   def train_step(state: TrainState, batch: dict):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, cfg)
     params, opt_state, metrics = apply_gradients(cfg, optimizer, state.params, state.opt_state,
-                                                 grads, metrics)
+                                                 grads, loss, metrics)
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step

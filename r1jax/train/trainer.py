@@ -24,6 +24,22 @@ from r1jax.train import metrics as metrics_lib
 from r1jax.train import optim, sft
 
 
+class NonFiniteGuard:
+  """Counts consecutive refused steps (metrics["skipped_nonfinite"] > 0); raises
+  checkpoint.NonFiniteError, naming the stage and step, when `limit` are refused in a row."""
+
+  def __init__(self, stage: str, limit: int):
+    self.stage, self.limit, self.run = stage, limit, 0
+
+  def __call__(self, step: int, skipped: float) -> None:
+    self.run = self.run + 1 if skipped > 0 else 0
+    if self.run >= self.limit:
+      raise ckpt_lib.NonFiniteError(
+          f"stage {self.stage}: stopped at step {step}: {self.run} step(s) in a row with a "
+          "non-finite loss, gradient or update (refused; optim.max_nonfinite_steps="
+          f"{self.limit}); lower the learning rate or check the data")
+
+
 @functools.lru_cache(maxsize=8)
 def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig, mesh: Mesh):
   """Jitted pieces for one (model, optimizer, mesh); reused across stages and runs in
@@ -87,16 +103,22 @@ def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dic
     ctx.log(f"  resuming from step {int(state.step)}")
   writer = metrics_lib.MetricWriter(stage_dir, total_steps=steps, start_step=int(state.step),
                                     show=("loss", "lm_loss"))
+  guard = NonFiniteGuard(storage.path(stage_dir).name, ocfg.max_nonfinite_steps)
   last = {}
-  while int(state.step) < steps:
-    state, m = train_step(state, ctx.put_batch(next(batches)))
-    step = int(state.step)
-    if step % log_every == 0 or step == steps:
-      last = writer.write(step, jax.device_get(m))
-    if ckpt.save(step, state, batches.state(), force=step == steps):
-      writer.flush()
-  writer.close()
-  ckpt.close()
+  try:
+    while int(state.step) < steps:
+      state, m = train_step(state, ctx.put_batch(next(batches)))
+      step = int(state.step)
+      skipped = float(m["skipped_nonfinite"])
+      # A refused step is always logged, whatever the cadence.
+      if step % log_every == 0 or step == steps or skipped:
+        last = writer.write(step, jax.device_get(m))
+      guard(step, skipped)
+      if ckpt.save(step, state, batches.state(), force=step == steps):
+        writer.flush()
+  finally:  # a stopped run still leaves its metrics and finished checkpoints behind
+    writer.close()
+    ckpt.close()
   final_eval = float(eval_loss(state.params, eval_batch))
   summary = {"steps": int(state.step), "eval_loss_before": initial_eval,
              "eval_loss_after": final_eval, "final_loss": last.get("loss", float("nan")),

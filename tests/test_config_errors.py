@@ -1,0 +1,44 @@
+"""A mistake on the command line is one line on stderr naming the file or key, not a traceback.
+
+Each run fails while parsing flags, before JAX compiles anything.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = "--config=experiments/r1_zero/tiny.py"
+
+
+def _main(*args: str, workdir: str) -> tuple[int, list[str]]:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-m", "r1jax.main", *args, f"--workdir={workdir}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+  assert "Traceback" not in out.stderr, out.stderr
+  return out.returncode, [line for line in out.stderr.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--config=experiments/does_not_exist.py",), "experiments/does_not_exist.py"),
+    # With an override, ml_collections reports the missing file from a different place.
+    (("--config=experiments/does_not_exist.py", "--config.seed=1"),
+     "experiments/does_not_exist.py"),
+    ((TINY, "--config.no_such_key=1"), "--config.no_such_key: no such config key"),
+    ((TINY, "--config.stages.grpo.grpo.beta=abc"), "--config.stages.grpo.grpo.beta=abc"),
+])
+def test_a_config_mistake_is_one_line(tmp_path, args, expected):
+  rc, lines = _main(*args, workdir=str(tmp_path))
+  assert rc != 0
+  assert len(lines) == 1 and expected in lines[0], lines
+  assert not os.listdir(tmp_path)  # nothing ran
+
+
+def test_an_unknown_key_names_the_closest_known_ones(tmp_path):
+  rc, lines = _main(TINY, "--config.stages.grpo.grpo.betta=0.1", workdir=str(tmp_path))
+  assert rc != 0
+  assert len(lines) == 1, lines
+  assert "--config.stages.grpo.grpo.betta" in lines[0]
+  assert "stages.grpo.grpo.beta" in lines[0].split("closest:")[1]
