@@ -45,11 +45,14 @@ SMOKE_RUNS = {
 }
 
 
-def _smoke_run(tmp_path_factory, name: str):
+def _smoke_run(tmp_path_factory, name: str, reuse_from: tuple[str, ...] = ()):
   from r1jax.pipeline import runner
+  from r1jax.tools import sweep
   from tests.multihost_jobs import load_job_config
   workdir = str(tmp_path_factory.mktemp(name))
-  return workdir, runner.run(load_job_config(*SMOKE_RUNS[name]), workdir)
+  c = load_job_config(*SMOKE_RUNS[name])
+  sweep.reuse_finished(c, workdir, [sweep.earlier_run(w) for w in reuse_from])
+  return workdir, runner.run(c, workdir)
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +67,9 @@ def r1_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def distill_run(tmp_path_factory):
-  return _smoke_run(tmp_path_factory, "distill")
+def distill_run(tmp_path_factory, zero_run):
+  """Its teacher is the main job's (the same pretrain and grpo settings): copied, not rerun."""
+  return _smoke_run(tmp_path_factory, "distill", reuse_from=(zero_run[0],))
 
 
 @pytest.fixture(scope="session")

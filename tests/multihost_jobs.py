@@ -4,7 +4,9 @@
       python -m tests.multihost_jobs JOBS.json
 
 JOBS.json is a list of {"config": "experiments/….py:arg", "workdir": …,
-"overrides": {"dotted.key": value}, "kill": {"stage": …, "step": k, "process": p}}.
+"overrides": {"dotted.key": value}, "reuse_from": [earlier workdirs],
+"kill": {"stage": …, "step": k, "process": p}}. Stages that an earlier workdir
+computed with the same settings are copied first (as the sweep does).
 Each job is what `python -m r1jax.main --config=… --workdir=…` would run, one
 after another in these processes, so compiled programs are shared between
 jobs. "kill" makes process p SIGKILL itself when the stage would save its
@@ -58,13 +60,21 @@ def _arm_kill(stage: str, step: int, process: int) -> None:
 
 def main(jobs_file: str) -> None:
   distributed.maybe_initialize()
+  import jax
+
+  from r1jax.parallel import multihost
   from r1jax.pipeline import runner
+  from r1jax.tools import sweep
   with open(jobs_file) as f:
     jobs = json.load(f)
   for job in jobs:
     if "kill" in job:
       _arm_kill(**job["kill"])
-    runner.run(load_job_config(job["config"], job.get("overrides", {})), job["workdir"])
+    c = load_job_config(job["config"], job.get("overrides", {}))
+    if job.get("reuse_from") and jax.process_index() == 0:
+      sweep.reuse_finished(c, job["workdir"], [sweep.earlier_run(w) for w in job["reuse_from"]])
+    multihost.barrier("reuse")
+    runner.run(c, job["workdir"])
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@ one process × 8 devices, for every stage kind.
 
 One process group runs all three smoke experiments (tests/multihost_jobs.py): R1
 (pretrain, SFT, GRPO, rejection sampling; on a mesh whose expert axis spans both
-processes), distillation, and the main job in a `gs://` workdir on a local GCS
-emulator, where process 1 is killed in the middle of GRPO. A second launch
+processes), distillation (its teacher stages copied from the 1 × 8 main job, as
+the 1 × 8 distill run copies them), and the main job in a `gs://` workdir on a
+local GCS emulator, where process 1 is killed in the middle of GRPO. A second launch
 resumes the main job from the checkpoint in the bucket. Every logged number is
 compared with the in-process 1 × 8 runs of the same experiments (conftest).
 """
@@ -43,7 +44,7 @@ def _job(name: str, workdir: str, **extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory, gcs_bucket):
+def two_process_runs(tmp_path_factory, gcs_bucket, zero_run):
   tmp = tmp_path_factory.mktemp("multihost")
   # The same XLA flags as the 1 × 8 runs in this process (the launcher sets the
   # device count), and one compilation cache for both launches.
@@ -51,7 +52,10 @@ def two_process_runs(tmp_path_factory, gcs_bucket):
          "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache")}
   dirs = {"r1": str(tmp / "r1"), "distill": str(tmp / "distill"),
           "r1_zero": f"{gcs_bucket}/multihost/r1_zero"}
-  first = _launch([_job("r1", dirs["r1"]), _job("distill", dirs["distill"]),
+  # The distillation's teacher stages (the main job's) are copied from the 1 x 8
+  # run, as the 1 x 8 distill run does: what is compared there is the distill stage.
+  first = _launch([_job("r1", dirs["r1"]),
+                   _job("distill", dirs["distill"], reuse_from=[zero_run[0]]),
                    _job("r1_zero", dirs["r1_zero"],
                         kill={"stage": "grpo", "step": 2, "process": 1})],
                   str(tmp / "first.json"), env)

@@ -136,3 +136,13 @@ def test_no_checkpoint_is_written_from_nonfinite_params(tmp_path):
 def test_the_refusal_limit_is_at_least_one():
   with pytest.raises(ValueError, match="max_nonfinite_steps"):
     optim.OptimConfig(max_nonfinite_steps=0)
+
+
+def test_stage_weights_are_never_saved_with_nonfinite_values(tmp_path):
+  """The end-of-stage save (what the next stage starts from) refuses NaN/inf too."""
+  import types
+
+  params = {"w": jnp.ones((2, 2)), "b": jnp.array([0.0, jnp.inf])}
+  with pytest.raises(ckpt_lib.NonFiniteError, match=r"refusing to save weights.*\['b'\]"):
+    Context.save_params(types.SimpleNamespace(), str(tmp_path), ModelConfig.tiny(), params)
+  assert not (tmp_path / "params").exists()

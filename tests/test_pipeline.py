@@ -110,3 +110,19 @@ def test_format_reward_follows_the_template():
     assert wrong(completion, example) == 0.0, template
   explicit = stages.reward_terms([("format", 1.0, {"partial": True})], "r1_chat")
   assert explicit == [("format", 1.0, {"partial": True})]  # options given are kept
+
+
+def test_rejection_filters_follow_r1():
+  """R1 §2.3.3: reasoning with a code block or an over-long paragraph is dropped;
+  the answer after </think> does not count; 0 / False turn the filters off."""
+  from r1jax.pipeline.stages import reasoning_flaw
+  ok = "3 + 4 = 7.\n\n7 + 5 = 12.\n</think>\n\n\\boxed{12}"
+  assert reasoning_flaw(ok, 300, True) is None
+  assert reasoning_flaw("Let me code it:\n```python\nprint(12)\n```\n</think> 12", 300,
+                        True) == "code_block"
+  assert reasoning_flaw("x " * 200 + "\n</think> 12", 300, True) == "long_paragraph"
+  assert reasoning_flaw("short.\n</think>\n" + "```" + "y" * 400, 300, True) is None
+  assert reasoning_flaw("```" + "x " * 200, 0, False) is None
+  c = load_config("experiments/r1/tiny.py")
+  assert c.stages.rejection.reject_code_blocks and c.stages.rejection.max_paragraph_chars
+  assert 0 < c.stages.rejection.max_repetition < 0.5

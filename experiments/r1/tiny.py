@@ -34,7 +34,9 @@ def get_config(arg: str | None = None):
                                             total_steps=40, weight_decay=0.0))
     c.stages.rejection = configs.rejection_sample_stage(
         init="stage:reasoning_rl", template=template, prompts=512, samples_per_prompt=4,
-        keep_per_prompt=2, temperature=0.8, max_prompt_len=48, max_new_tokens=64)
+        keep_per_prompt=2, temperature=0.8, max_prompt_len=48, max_new_tokens=64,
+        # R1 §2.3.3's filters, scaled to this task's reasoning (a few dozen characters).
+        max_paragraph_chars=300, reject_code_blocks=True)
     # R1 retrains the *base* model on the curated data (R1 §2.3.3).
     c.stages.sft = configs.sft_stage(
         init="stage:pretrain", data="stage:rejection", extra_task_rows=256,

@@ -19,6 +19,7 @@ from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, abstract_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import multihost
+from r1jax.train import checkpoint as ckpt_lib
 
 
 @dataclasses.dataclass
@@ -85,6 +86,10 @@ class Context:
   def save_params(self, stage_dir: str, cfg: ModelConfig, params) -> dict:
     """Writes `stage_dir/params` (orbax) and returns the outputs entry naming it."""
     path = storage.join(stage_dir, "params")
+    bad = ckpt_lib.nonfinite_paths(params)
+    if bad:
+      raise ckpt_lib.NonFiniteError(f"{path}: refusing to save weights holding NaN/inf "
+                                    f"({len(bad)} leaves, first {bad[0]})")
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(path, params, force=True)
     ckptr.wait_until_finished()

@@ -198,8 +198,10 @@ def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, te
 def score(ctx: Context, gens: Generations, terms) -> dict[str, np.ndarray]:
   """{reward name: [R] scores} on every process; each process scores its own rows."""
   texts = [gens.completion(ctx.tok, i) for i in gens.mine]
+  # Length rewards read the completion's token count, as in a GRPO rollout.
+  examples = [dict(gens.examples[i], completion_tokens=len(gens.tokens[i])) for i in gens.mine]
   with RewardEvaluator(RewardSpec.create(terms)) as ev:
-    _, per, _ = ev(texts, [gens.examples[i] for i in gens.mine])
+    _, per, _ = ev(texts, examples)
   n = len(gens.tokens)
   return {k: multihost.gather_rows(v, gens.mine, n) for k, v in sorted(per.items())}
 
@@ -325,8 +327,8 @@ def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: st
                   batch_rows=sc.batch_rows, seed=seed)
   per = score(ctx, gens, reward_terms(FILTER_REWARDS, sc.template))
   kept, per_prompt = [], {}
-  reasons = {"wrong": 0, "format": 0, "language": 0, "repetitive": 0, "unfinished": 0,
-             "over_quota": 0}
+  reasons = {"wrong": 0, "format": 0, "language": 0, "repetitive": 0, "long_paragraph": 0,
+             "code_block": 0, "unfinished": 0, "over_quota": 0}
   for i, example in enumerate(gens.examples):
     if per["accuracy"][i] < 1:
       reasons["wrong"] += 1
@@ -336,6 +338,9 @@ def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: st
       reasons["language"] += 1
     elif per["repetition"][i] < -sc.max_repetition:
       reasons["repetitive"] += 1
+    elif flaw := reasoning_flaw(gens.completion(ctx.tok, i), sc.max_paragraph_chars,
+                                sc.reject_code_blocks):
+      reasons[flaw] += 1
     elif not gens.finished[i]:
       reasons["unfinished"] += 1
     else:
@@ -359,6 +364,21 @@ def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: st
           "samples": len(gens.tokens), "prompts_covered": len(per_prompt),
           "accept_rate": len(kept) / max(len(gens.tokens), 1),
           **{f"rejected_{k}": v for k, v in reasons.items()}}
+
+
+def reasoning_flaw(completion: str, max_paragraph_chars: int, reject_code_blocks: bool
+                   ) -> str | None:
+  """Why R1's filter (§2.3.3) would drop this chain of thought, or None: "code_block"
+  (a fenced block in the reasoning) or "long_paragraph" (one over the limit; 0 = off).
+  The reasoning is what precedes the last </think> (all of it if there is none)."""
+  head, found, _ = completion.rpartition("</think>")
+  reasoning = head if found else completion
+  if reject_code_blocks and "```" in reasoning:
+    return "code_block"
+  if max_paragraph_chars and any(len(p.strip()) > max_paragraph_chars
+                                 for p in reasoning.split("\n\n")):
+    return "long_paragraph"
+  return None
 
 
 def rejection_sample(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:

@@ -103,6 +103,20 @@ def earlier_run(workdir: str):
   return c, workdir, {s for s in c.pipeline if runner.stage_outputs(workdir, s) is not None}
 
 
+def reuse_finished(c, workdir: str, done: list, log: str = "") -> None:
+  """Copies into `workdir` each stage of `c` that an earlier run in `done`
+  ((config, workdir, finished stages) triples) computed with the same settings."""
+  from r1jax.pipeline import runner
+  for name in c.pipeline:
+    if runner.stage_outputs(workdir, name) is not None:
+      continue
+    for other, other_wd, finished in done:
+      if reusable(c, name, other, finished):
+        print(f"[sweep] {log}stage {name} reused from {other_wd}", flush=True)
+        copy_stage(other_wd, workdir, name)
+        break
+
+
 def run_local(module, path: str, variants: list[str], root: str, smoke: bool,
               reuse_from: tuple[str, ...] = ()) -> dict:
   from r1jax.pipeline import runner
@@ -113,14 +127,7 @@ def run_local(module, path: str, variants: list[str], root: str, smoke: bool,
     arg = arm_arg(v, smoke)
     c = module.get_config(arg)
     wd = os.path.join(root, v)
-    for name in c.pipeline:
-      if runner.stage_outputs(wd, name) is not None:
-        continue
-      for other, other_wd, finished in done:
-        if reusable(c, name, other, finished):
-          print(f"[sweep] {v}: stage {name} reused from {other_wd}", flush=True)
-          copy_stage(other_wd, wd, name)
-          break
+    reuse_finished(c, wd, done, log=f"{v}: ")
     print(f"[sweep] {v}: {path}:{arg} -> {wd}", flush=True)
     results = runner.run(c, wd)
     done.append((c, wd, set(results)))
