@@ -41,31 +41,6 @@ def my_rows(x: jax.Array) -> np.ndarray:
   return np.flatnonzero(row_owners(x) == jax.process_index())
 
 
-def rows_of(x: jax.Array, rows: np.ndarray) -> np.ndarray:
-  """x[rows] read from this process's own shards (every row must be held here)."""
-  if single_process() or x.is_fully_addressable:
-    return np.asarray(x)[rows]
-  out = np.zeros((len(rows),) + x.shape[1:], x.dtype)
-  found = np.zeros(len(rows), bool)
-  where = {int(r): j for j, r in enumerate(rows)}
-  for shard in x.addressable_shards:
-    span = range(x.shape[0])[shard.index[0]] if shard.index else range(x.shape[0])
-    data = None
-    for k, r in enumerate(span):
-      j = where.get(r)
-      if j is not None and not found[j]:
-        if data is None:
-          data = np.asarray(shard.data)
-        rest = tuple(shard.index[1:])
-        if any(s != slice(None) for s in rest):
-          raise ValueError("rows_of needs arrays split along axis 0 only")
-        out[j], found[j] = data[k], True
-  if not found.all():
-    raise ValueError(f"rows {rows[~found][:8].tolist()} are not held by process "
-                     f"{jax.process_index()}")
-  return out
-
-
 def gather_rows(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
   """The global [n, ...] array on every process, from each owner's `values` at `rows`.
 
@@ -86,21 +61,6 @@ def gather_rows(values: np.ndarray, rows: np.ndarray, n: int) -> np.ndarray:
     raise ValueError(f"rows {np.flatnonzero(counts != 1)[:8].tolist()} have "
                      f"{counts[counts != 1][:8].tolist()} owners; each needs exactly one")
   return full_PxR[owned_PxR.argmax(0), np.arange(n)]
-
-
-def gather_text(values: list[str], rows: np.ndarray, n: int) -> list[str]:
-  """`gather_rows` for strings (UTF-8 bytes padded to the longest)."""
-  if single_process():
-    return gather_rows(np.array(values, object), rows, n).tolist()
-  encoded = [v.encode("utf-8") for v in values]
-  width = int(_stack(np.array(max((len(e) for e in encoded), default=0), np.int32)).max())
-  buf = np.zeros((len(values), max(width, 1)), np.uint8)
-  lengths = np.zeros(len(values), np.int32)
-  for j, e in enumerate(encoded):
-    buf[j, :len(e)] = np.frombuffer(e, np.uint8)
-    lengths[j] = len(e)
-  buf_R, lengths_R = gather_rows(buf, rows, n), gather_rows(lengths, rows, n)
-  return [bytes(buf_R[i, :lengths_R[i]]).decode("utf-8") for i in range(n)]
 
 
 def _stack(x: np.ndarray) -> np.ndarray:
