@@ -58,8 +58,8 @@ OPTIMIZERS = {
     # Mixed precision, what a stable bf16 run needs: two f32 moments, plus an
     # f32 master copy of every parameter stored narrower than f32.
     "adamw": lambda itemsize: 8 + (4 if itemsize < 4 else 0),
-    # What `optim.make_optimizer` builds today: optax.adamw with mu_dtype=None
-    # keeps both moments in the parameter dtype and no master copy.
+    # What `optim.make_optimizer` builds (state_bytes measures its abstract state;
+    # this per-element rule is only the fallback: moments in the parameter dtype).
     "adamw_as_built": lambda itemsize: 2 * itemsize,
 }
 
@@ -77,6 +77,9 @@ def state_bytes(cfg: ModelConfig, sizes: dict[str, int], optimizer: str = "adamw
     params += n * itemsize
     if not path.replace("']['", "/").endswith("router/bias']"):
       opt += n * per_elem(itemsize)
+  if optimizer == "adamw_as_built":  # exactly what optim.make_optimizer's init returns
+    from r1jax.train import optim  # noqa: PLC0415
+    opt = built_optimizer_bytes(cfg, tuple(sorted(sizes.items())), optim.OptimConfig())
   return {"params": params, "optimizer": opt, "gradients": params}
 
 
@@ -113,13 +116,33 @@ def _gmm_rows(cfg: ModelConfig, rows: int, groups: int, gmm: str) -> int:
   return max((rows + groups * (b - 1)) // b, 1) * b
 
 
-def _attention_fwd(cfg: ModelConfig, b: int, T: int, tp: int, dt: int) -> int:
+def attention_kind(cfg: ModelConfig, b: int, T: int, H: int, backend: str) -> tuple[str, int]:
+  """(the kernel the model runs for this training-form shape, its block size), as
+  r1jax/model/attention.py chooses it; "reference" (full scores) before that existed."""
+  impl = getattr(cfg, "attention", "reference")
+  try:
+    from r1jax.model.attention import choose_attention  # noqa: PLC0415
+  except ImportError:
+    return "reference", 0
+  kind = choose_attention(impl, B=b, T=T, S=T, H=H, E=cfg.qk_head_dim, V=cfg.v_head_dim,
+                          dtype=cfg.dtype, static_start=True,
+                          backend="cpu" if backend == "cpu" else "gpu")
+  return kind, cfg.attention_block
+
+
+def _attention_fwd(cfg: ModelConfig, b: int, T: int, tp: int, dt: int,
+                   backend: str = "accelerator") -> int:
   n, H = b * T, -(-cfg.n_heads // tp)
   C, R, K, V = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
   q_lora = 2 * n * cfg.q_lora_rank * dt  # projection and its norm
   q = 2 * n * H * (K + R) * dt  # q and its rotated split
   kv = 2 * n * (C + R) * dt + n * H * (K + V) * dt
-  scores = b * H * T * T * (2 * dt + 4)  # logits (dt), probabilities (f32 and dt)
+  kind, block = attention_kind(cfg, b, T, H, backend)
+  if kind == "reference":
+    scores = b * H * T * T * (2 * dt + 4)  # logits (dt), probabilities (f32 and dt)
+  else:  # one [block, block] tile of scores, running max/sum and an f32 accumulator
+    tq = min(block, T)
+    scores = b * H * tq * min(block, T) * (2 * dt + 4) + n * H * (V + 2) * 4
   out = n * H * V * dt + n * cfg.d_model * dt
   return q_lora + q + kv + scores + out
 
@@ -150,6 +173,12 @@ def _moe_fwd(cfg: ModelConfig, n: int, sizes: dict[str, int], backend: str, dt: 
   return router + shared + routed + n * D * dt
 
 
+def head_tokens(cfg: ModelConfig, b: int, T: int) -> int:
+  """Tokens whose [V] logits exist at once: all b·T, or b·logits_chunk with a chunked head."""
+  chunk = getattr(cfg, "logits_chunk", 0)
+  return b * (min(chunk, T) if chunk else T)
+
+
 def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq_len: int,
                      backend: str = "accelerator") -> dict:
   """Per-device activation estimate of one forward + backward step.
@@ -161,7 +190,7 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq_le
   scanned block recomputed in backward, nothing saved):
     saved   = n·D·dtype per layer (each block's input)
     working = 2·(fwd + weights) of the largest layer (recomputed forward + cotangents)
-  Without remat, saved = Σ over layers of fwd. The MTP block is not rematerialised:
+  Without remat, saved = Σ over layers of fwd and working = fwd + 2·weights. The MTP block is not rematerialised:
   its fwd is saved. head = 3 f32 copies (logits, log-softmax, cotangent) of
   [n, vocab/tensor] per output head (main + MTP depths) plus the head's gathered
   weights; inputs = the batch arrays.
@@ -172,7 +201,7 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq_le
   b = -(-batch // n_batch)
   n = b * seq_len
   D = cfg.d_model
-  attn = _attention_fwd(cfg, b, seq_len, tp, dt)
+  attn = _attention_fwd(cfg, b, seq_len, tp, dt, backend)
   norms = 3 * n * D * dt  # two pre-norms and the residual sum
   layers = []  # (fwd, gathered weights, count)
   if cfg.n_dense_layers:
@@ -190,11 +219,103 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq_le
     saved = sum(count for _, _, count in layers) * n * D * dt
   else:
     saved = sum(fwd * count for fwd, _, count in layers)
-  working = max((2 * (fwd + w) for fwd, w, _ in layers), default=0)
+  # Backward of one layer: its cotangents (≈ its forward) and the gathered weights'
+  # gradient, plus, with remat, the recomputed forward.
+  working = max(((2 if cfg.remat else 1) * fwd + 2 * w for fwd, w, _ in layers), default=0)
   vocab = -(-cfg.vocab_size // tp)
   head_w = D * vocab * dt
-  head = (1 + cfg.mtp_depth) * 3 * n * vocab * 4 + 2 * head_w
+  # logits, log-softmax and cotangent (chunked: r1jax/model/head.py's ~4 per chunk)
+  copies = 4 if getattr(cfg, "logits_chunk", 0) else 3
+  head = (1 + cfg.mtp_depth) * copies * head_tokens(cfg, b, seq_len) * vocab * 4 + 2 * head_w
   inputs = 4 * n * 4  # tokens, positions, loss_mask, valid
   parts = {"saved_layer_inputs": saved, "layer_working_set": working, "mtp_saved": mtp_fwd,
            "head_and_loss": head, "inputs": inputs}
   return {"tokens_per_device": n, "sequences_per_device": b, **parts, "total": sum(parts.values())}
+
+
+# ----------------------------------------------------------------------------
+# Whole programs (r1jax/tools/compile_plan.py compiles the same ones).
+
+@functools.lru_cache(maxsize=8)
+def built_optimizer_bytes(cfg: ModelConfig, sizes: tuple, ocfg) -> int:
+  """Per-device bytes of the state `optim.make_optimizer(ocfg)` builds (moments, and
+  a master copy where it keeps one), each leaf sharded like its parameter."""
+  from r1jax.train import optim  # noqa: PLC0415
+  sizes = dict(sizes)
+  specs = {p: (s.shape, spec) for p, s, spec in param_leaves(cfg)}
+  state = jax.eval_shape(optim.make_optimizer(ocfg).init, abstract_params(cfg))
+  total = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(state):
+    key = jax.tree_util.keystr(path)
+    spec = next((sp for p, (shape, sp) in specs.items()
+                 if key.endswith(p) and shape == x.shape), ())
+    total += math.prod(shard_shape(x.shape, spec, sizes)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def _forward_bytes(cfg: ModelConfig, sizes: dict[str, int], b: int, T: int, backend: str) -> int:
+  """Forward only (no gradient): the largest layer's intermediates and gathered weights,
+  the residual stream, and the f32 logits with their log-softmax."""
+  dt = jnp.dtype(cfg.dtype).itemsize
+  D, tp = cfg.d_model, sizes["tensor"]
+  n = b * T
+  attn = _attention_fwd(cfg, b, T, tp, dt, backend) + 3 * n * D * dt
+  layers = []
+  if cfg.n_dense_layers:
+    layers.append(attn + (3 * n * -(-cfg.d_ff // tp) + n * D) * dt
+                  + gathered_layer_bytes(cfg, sizes, "dense_layers"))
+  if cfg.n_moe_layers:
+    layers.append(attn + _moe_fwd(cfg, n, sizes, backend, dt)
+                  + gathered_layer_bytes(cfg, sizes, "moe_layers"))
+  vocab = -(-cfg.vocab_size // tp)
+  return max(layers, default=0) + 2 * n * D * dt + 3 * head_tokens(cfg, b, T) * vocab * 4
+
+
+def _decode_bytes(cfg: ModelConfig, sizes: dict[str, int], b: int, S: int, backend: str) -> int:
+  """One T = 1 decode step's working set over S slots (the cache itself not counted)."""
+  dt = jnp.dtype(cfg.dtype).itemsize
+  H = -(-cfg.n_heads // sizes["tensor"])
+  C, R, D = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.d_model
+  scores = b * H * S * (2 * dt + 4) + b * S * (C + R) * dt  # + the cache slices in compute dtype
+  ffn = max(3 * b * -(-cfg.d_ff // sizes["tensor"]) * dt if cfg.n_dense_layers else 0,
+            _moe_fwd(cfg, b, sizes, backend, dt) if cfg.n_moe_layers else 0)
+  weights = max(gathered_layer_bytes(cfg, sizes, s) for s in ("dense_layers", "moe_layers")
+                if getattr(cfg, f"n_{s}"))
+  vocab = -(-cfg.vocab_size // sizes["tensor"])
+  return scores + ffn + weights + b * (4 * D * dt + 2 * vocab * 4)
+
+
+def program_bytes(prog, sizes: dict[str, int], backend: str = "accelerator") -> dict:
+  """The formula for one compile_plan.Program, per device: "peak" (what XLA's
+  argument + output + temp − alias should be) and "resident" (state held but not
+  passed), with the parts. Optimizer state as `optim.make_optimizer` builds it."""
+  cfg = prog.cfg
+  key = tuple(sorted(sizes.items()))
+  n_batch = math.prod(sizes[a] for a in mesh_lib.BATCH)
+  b = -(-prog.micro_rows // n_batch)
+  st = state_bytes(cfg, sizes, "adamw_as_built")
+  params = st["params"]
+  opt = built_optimizer_bytes(cfg, key, prog.ocfg)
+  ref = params if prog.grpo is not None and prog.grpo.beta > 0 else 0
+  parts = {}
+  if prog.name in ("grpo_update", "sft"):
+    run = cfg.replace(mtp_depth=0) if prog.name == "grpo_update" else cfg
+    act = activation_bytes(run, sizes, b * n_batch, prog.seq_len, backend)["total"]
+    accumulate = st["gradients"] * 4 // jnp.dtype(cfg.param_dtype).itemsize
+    parts = {"params": params, "optimizer": opt, "reference": ref, "gradients": st["gradients"],
+             "accumulator": accumulate if prog.micro_batches > 1 else 0, "activations": act}
+    resident = 0
+  elif prog.name == "logprob":
+    run = cfg.replace(mtp_depth=0)
+    parts = {"params": params, "reference": ref,
+             "activations": _forward_bytes(run, sizes, b, prog.seq_len, backend)}
+    resident = opt
+  elif prog.name == "decode":
+    dt = jnp.dtype(cfg.dtype).itemsize
+    cache = cfg.n_layers * b * prog.slots * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dt
+    parts = {"params": params, "cache": cache,
+             "activations": _decode_bytes(cfg, sizes, b, prog.slots, backend)}
+    resident = opt + ref
+  else:
+    raise ValueError(f"unknown program {prog.name!r}")
+  return {**parts, "peak": sum(parts.values()), "resident": resident}

@@ -7,11 +7,13 @@
 Parameters, optimizer state, gradients and activations are sized by
 r1jax/tools/memory.py (abstract shapes through the rule table, and formulas);
 meshes that split a dim unevenly are rejected, as jax rejects them. Without --mesh, candidate meshes are searched and the
-reason for the choice is printed. With --compile, a train step
-(`sft.make_train_step` + `optim.make_optimizer`) of the model cut to 1 dense +
-1 MoE layer is compiled ahead of time for the mesh on forced CPU devices (in a
-child process that sets XLA_FLAGS before importing jax), and XLA's memory
-analysis is reported beside the estimate for the same cut model.
+reason for the choice is printed. With --config and --compile, the experiment's
+real programs (GRPO update, log-probs, one decode step of a rollout slice, an
+SFT/pretraining step) of the whole model are compiled ahead of time for its
+mesh on N forced CPU devices (r1jax/tools/compile_plan.py, in a child process
+that sets XLA_FLAGS before importing jax), and XLA's memory analysis per
+program is reported beside the formula's estimate for the same program;
+`fits` is then XLA's answer for every program.
 
 Sizes are in bytes; the table prints GB = 1e9 bytes.
 """
@@ -26,15 +28,13 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 
 from r1jax import configs
-from r1jax.model import ModelConfig, abstract_params, logical_axes, param_counts
+from r1jax.model import ModelConfig, param_counts
 from r1jax.parallel import mesh as mesh_lib
-from r1jax.tools import memory
+from r1jax.tools import compile_plan, memory
 from r1jax.train import optim
 
 GB = 1e9
@@ -155,68 +155,9 @@ def search(cfg: ModelConfig, n_devices: int, capacity: float, **kw) -> tuple[Pla
 
 
 # ----------------------------------------------------------------------------
-# Ahead-of-time compile of a cut model, for XLA's own memory analysis.
+# Ahead-of-time compile of the experiment's programs (r1jax/tools/compile_plan.py).
 
-def cut_model(cfg: ModelConfig, n_dense: int = 1, n_moe: int = 1) -> ModelConfig:
-  """The same widths with fewer layers (compiling 61 layers of 671B is not needed to see one)."""
-  n_dense = min(n_dense, cfg.n_dense_layers)
-  n_moe = min(n_moe, cfg.n_moe_layers)
-  return cfg.replace(n_layers=n_dense + n_moe, n_dense_layers=n_dense)
-
-
-def like_params(opt_state, params, param_sharding, other):
-  """Shardings for an optimizer state: a leaf mirroring a parameter (a moment: its path
-  ends with the parameter's path, same shape) is sharded like it; the rest get `other`.
-
-  Left to propagation (`out_shardings=None`), XLA replicates the moments, since
-  `zeros_like` has no sharded operand to follow.
-  """
-  by_path = {jax.tree_util.keystr(p): (x.shape, sh) for (p, x), sh in zip(
-      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_sharding))}
-
-  def pick(path, leaf):
-    key = jax.tree_util.keystr(path)
-    for p, (shape, sh) in by_path.items():
-      if key.endswith(p) and leaf.shape == shape:
-        return sh
-    return other
-
-  return jax.tree_util.tree_map_with_path(pick, opt_state)
-
-
-def compile_memory(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq_len: int,
-                   ocfg: optim.OptimConfig | None = None) -> dict:
-  """XLA's memory analysis (bytes per device) of a jitted, donated train step on this
-  process's devices, lowered from ShapeDtypeStructs: nothing is allocated."""
-  from r1jax.train import sft  # noqa: PLC0415 (only this path needs the loss)
-  mesh = mesh_lib.make_mesh(tuple(sizes[a] for a in mesh_lib.AXES))
-  optimizer = optim.make_optimizer(ocfg or optim.OptimConfig())
-  param_sharding = mesh_lib.logical_sharding(mesh, logical_axes(cfg))
-  params = abstract_params(cfg)
-  state = jax.eval_shape(lambda p: sft.init_state(p, optimizer), params)
-  state_sharding = sft.TrainState(
-      step=mesh_lib.replicated(mesh), params=param_sharding,
-      opt_state=like_params(state.opt_state, params, param_sharding, mesh_lib.replicated(mesh)))
-  data = mesh_lib.batch_sharding(mesh)
-  batch_abs = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=data)
-               for k in ("tokens", "loss_mask", "valid")}
-  state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                       state, state_sharding)
-  step = jax.jit(sft.make_train_step(cfg, optimizer), out_shardings=(state_sharding, None),
-                 donate_argnums=0)
-  t0 = time.time()
-  with jax.set_mesh(mesh):  # the MoE layer reads the ambient mesh for expert parallelism
-    compiled = step.lower(state, batch_abs).compile()
-  m = compiled.memory_analysis()
-  return {"argument": m.argument_size_in_bytes, "output": m.output_size_in_bytes,
-          "alias": m.alias_size_in_bytes, "temp": m.temp_size_in_bytes,
-          "total": m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-          + m.temp_size_in_bytes, "compile_s": round(time.time() - t0, 1)}
-
-
-def _compile_in_child(args: argparse.Namespace, sizes: dict[str, int], batch: int) -> dict:
-  """Runs compile_memory in a fresh interpreter with N forced CPU devices, time-limited."""
-  n = math.prod(sizes.values())
+def _child_env(n: int) -> dict:
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
@@ -225,20 +166,58 @@ def _compile_in_child(args: argparse.Namespace, sizes: dict[str, int], batch: in
   env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}",
                                        "--xla_backend_optimization_level=0",
                                        "--xla_llvm_disable_expensive_passes=true"])
-  source = (["--config", args.config] + (["--stage", args.stage] if args.stage else [])
-            if args.config else ["--model", args.model])
-  cmd = [sys.executable, "-m", "r1jax.tools.plan", *source, "--_compile_child",
-         f"--mesh={','.join(str(sizes[a]) for a in mesh_lib.AXES)}", f"--devices={n}",
-         f"--batch={batch}", f"--seq_len={args.seq_len}"]
-  try:
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                         timeout=args.compile_timeout)
-  except subprocess.TimeoutExpired:
-    return {"error": f"compile did not finish in {args.compile_timeout} s (--compile_timeout)"}
-  lines = out.stdout.strip().splitlines()
-  if out.returncode or not lines:
-    return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
-  return json.loads(lines[-1])
+  return env
+
+
+def compile_programs(args: argparse.Namespace, sizes: dict[str, int]) -> list[dict]:
+  """XLA's analysis of each program: in this process when it has exactly the mesh's
+  CPU devices, else in a child with N forced CPU devices (time-limited)."""
+  n = math.prod(sizes.values())
+  mesh_text = ",".join(str(sizes[a]) for a in mesh_lib.AXES)
+  flags = [f"--mesh={mesh_text}", f"--programs={args.programs}"]
+  flags += [f"--{k}={getattr(args, k)}" for k in ("stage", "micro_batches", "rollout_slice",
+                                                  "compile_layers", "grouped_matmul")
+            if getattr(args, k)]
+  flags = [f.replace("--compile_layers", "--n_layers") for f in flags]
+  if jax.default_backend() == "cpu" and jax.device_count() == n:
+    import contextlib  # noqa: PLC0415
+    import io  # noqa: PLC0415
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      compile_plan.main([f"--config={args.config}", *flags])
+    lines = out.getvalue().splitlines()
+  else:
+    cmd = [sys.executable, "-m", "r1jax.tools.compile_plan", f"--config={args.config}", *flags]
+    try:
+      res = subprocess.run(cmd, env=_child_env(n), capture_output=True, text=True,
+                           timeout=args.compile_timeout)
+    except subprocess.TimeoutExpired as e:
+      done = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+      return [json.loads(x) for x in done.splitlines() if x.startswith("{")] + [
+          {"program": "?", "error": f"compile did not finish in {args.compile_timeout} s "
+           "(--compile_timeout)"}]
+    lines = res.stdout.splitlines()
+    if res.returncode or not lines:
+      raise ValueError("compile: " + (res.stderr.strip().splitlines() or ["no output"])[-1])
+  return [json.loads(x) for x in lines if x.startswith("{")]
+
+
+def program_reports(results: list[dict], capacity: float) -> dict:
+  """name -> XLA's bytes, the resident state, the total per device, the formula and fits."""
+  out = {}
+  for r in results:
+    name = r.pop("program")
+    if "error" in r:
+      out[name] = r
+      continue
+    xla = {k: r.pop(k) for k in ("argument", "output", "temp", "alias", "code", "peak")}
+    est = r.pop("estimate")
+    total = xla["peak"] + r["resident"]
+    out[name] = {**r, "xla": xla, "estimate": est, "peak_gb_per_device": total / GB,
+                 "estimate_gb_per_device": (est["peak"] + est["resident"]) / GB,
+                 "estimate_error": est["peak"] / max(xla["peak"], 1) - 1,
+                 "fits": total <= capacity}
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -320,18 +299,31 @@ def render(report: dict) -> str:
   ]
   lines += [_row(k, v) for k, v in a.items() if k not in
             ("total", "tokens_per_device", "sequences_per_device")]
-  comp = report.get("compile")
-  if comp:
-    lines.append(f"XLA memory analysis, per device ({comp.get('model', '')}):")
-    if "error" in comp:
-      lines.append(f"  not available: {comp['error']}")
-    else:
-      for k in ("argument", "output", "alias", "temp", "total"):
-        lines.append(_row(f"xla {k}", comp[k]))
-      lines.append(_row("estimate, same model", comp["estimate_total"]))
-      lines.append(_row("xla, extrapolated", comp["extrapolated_total"],
-                        "xla total + the estimate's bytes for the layers cut"))
-      lines.append(f"  compiled in {comp['compile_s']} s on {comp['devices']} CPU devices")
+  progs = report.get("programs")
+  if progs is not None:
+    unit, size = _unit(max([p["peak_gb_per_device"] * GB for p in progs.values()
+                            if "xla" in p], default=GB))
+    lines.append(f"XLA memory analysis per device ({report['compile_devices']} forced CPU "
+                 f"devices), {unit}; total = peak + resident state not passed:")
+    lines.append(f"  {'program':<12}{'rows x tokens':>16}{'argument':>10}{'output':>9}"
+                 f"{'temp':>9}{'alias':>9}{'peak':>9}{'resident':>9}{'total':>9}{'formula':>9}"
+                 f"{'compile s':>10}")
+    for name, p in progs.items():
+      if "error" in p:
+        lines.append(f"  {name:<12}not available: {p['error']}")
+        continue
+      x = p["xla"]
+      shape = f"{p['rows']}x{p['slots'] if 'slots' in p else p['seq_len']}"
+      if p.get("micro_batches", 1) > 1:
+        shape = f"{p['micro_batches']}·{shape}"
+      lines.append(f"  {name:<12}{shape:>16}" + "".join(
+          f"{v / size:>{w}.2f}" for v, w in ((x["argument"], 10), (x["output"], 9), (x["temp"], 9),
+                                           (x["alias"], 9), (x["peak"], 9), (p["resident"], 9)))
+          + f"{p['peak_gb_per_device'] * GB / size:>9.2f}"
+          f"{p['estimate_gb_per_device'] * GB / size:>9.2f}"
+          f"{p['lower_s'] + p['compile_s']:>10.0f}  {'fits' if p['fits'] else 'DOES NOT FIT'}")
+    lines.append(f"  overall: {'fits' if report['fits'] else 'DOES NOT FIT'} "
+                 f"{report['capacity_bytes'] / GB:.0f} GB")
   return "\n".join(lines)
 
 
@@ -351,19 +343,23 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--optimizer", default="adamw", choices=sorted(memory.OPTIMIZERS))
   parser.add_argument("--hbm_gb", type=float, default=80.0, help="memory per device, GB")
   parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                      help="AOT-compile a 1 dense + 1 MoE layer cut of the model for XLA's "
-                      "memory analysis (default: only for models under 1B parameters)")
-  parser.add_argument("--compile_timeout", type=int, default=600)
+                      help="with --config: AOT-compile the experiment's programs (GRPO update, "
+                      "log-probs, a decode step, SFT) for XLA's memory analysis on forced CPU "
+                      "devices (default: only for models under 1B parameters)")
+  parser.add_argument("--programs", default=",".join(compile_plan.PROGRAMS),
+                      help="with --compile: which programs, in this order")
+  parser.add_argument("--micro_batches", type=int, help="override the GRPO/SFT micro-batches")
+  parser.add_argument("--rollout_slice", type=int, help="override the rows decoded at once")
+  parser.add_argument("--compile_layers", type=int, help="compile the model cut to this many "
+                      "layers (1 dense + MoE); default all")
+  parser.add_argument("--grouped_matmul", help="with --compile: override the model's "
+                      "grouped_matmul (e.g. blocked, the XLA:CPU form of ragged_dot)")
+  parser.add_argument("--compile_timeout", type=int, default=3600)
   parser.add_argument("--json", action="store_true", help="print one JSON line")
-  parser.add_argument("--_compile_child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   try:
     name, cfg, ocfg, mesh_text, batch, seq_len = _inputs(args)
     args.seq_len = seq_len
-    if args._compile_child:
-      sizes = parse_mesh(mesh_text, jax.device_count())
-      print(json.dumps(compile_memory(cut_model(cfg), sizes, batch, seq_len, ocfg)))
-      return 0
     fixed = [int(x) for x in (mesh_text or "-1").split(",") if x.strip().lstrip("-").isdigit()]
     n_devices = args.devices or (math.prod(fixed) if -1 not in fixed else jax.device_count())
     if n_devices < 1:
@@ -387,25 +383,28 @@ def main(argv: list[str] | None = None) -> int:
       "seq_len": seq_len, "optimizer": args.optimizer, "dtypes": dtypes,
       "optimizer_assumption": {
           "adamw": "2 f32 moments + f32 master copy (if params < f32)",
-          "adamw_as_built": "2 moments in the param dtype (optim.make_optimizer)",
+          "adamw_as_built": "optim.make_optimizer's own state, sized from its init",
       }[args.optimizer],
       "remat": cfg.remat, "bytes_per_device": plan.bytes_per_device(),
       "activations_detail": {k: v for k, v in plan.activations.items()},
       "capacity_bytes": int(capacity), "fits": plan.total <= capacity,
   }
-  run_compile = args.compile if args.compile is not None else counts["total"] < 1e9
+  run_compile = args.compile if args.compile is not None else (
+      counts["total"] < 1e9 and bool(args.config))
   if run_compile:
-    cut = cut_model(cfg)
-    comp = _compile_in_child(args, plan.sizes, plan.batch)
-    comp["model"] = (f"{cut.n_dense_layers} dense + {cut.n_moe_layers} MoE layers"
-                     f"{' + MTP' if cut.mtp_depth else ''}, CPU, optimizer as built")
-    comp["devices"] = n_devices
-    if "error" not in comp:
-      est = lambda c: plan_for(c, plan.sizes, batch=plan.batch, seq_len=seq_len,
-                               optimizer="adamw_as_built", backend="cpu").total
-      comp["estimate_total"] = est(cut)
-      comp["extrapolated_total"] = comp["total"] + est(cfg) - est(cut)
-    report["compile"] = comp
+    if not args.config:
+      print("plan: --compile needs --config (the programs come from an experiment)",
+            file=sys.stderr)
+      return 2
+    try:
+      programs = program_reports(compile_programs(args, plan.sizes), capacity)
+    except ValueError as e:
+      print(f"plan: {e}", file=sys.stderr)
+      return 2
+    report["programs"] = programs
+    report["compile_devices"] = n_devices
+    report["formula_fits"] = report["fits"]
+    report["fits"] = bool(programs) and all(p.get("fits", False) for p in programs.values())
   print(json.dumps(report) if args.json else render(report))
   return 0
 
