@@ -1,15 +1,24 @@
 """Benchmarks that print one JSON line each.
 
   python -m r1jax.tools.bench train --config=medium --batch=8 --seq=256 [--compare-hf]
-  python -m r1jax.tools.bench rollout --config=tiny --batch=8 --prompt=32 --new=128
+  python -m r1jax.tools.bench forward --config=peer --batch=8 --seq=256 [--compare-hf]
+  python -m r1jax.tools.bench rollout --config=tiny --batch=8 --prompt=32 --new=128 [--compare-hf]
+  python -m r1jax.tools.bench grpo --config=peer --steps=3 [--compare-trl]
   python -m r1jax.tools.bench moe --config=medium --tokens=2048 --top_k=4 --experts=8,16,32,64
   python -m r1jax.tools.bench roof --size=2048
 
 `train` reports tokens/s and model FLOP utilisation (MFU) against the matmul
-rate that `roof` measures, in the same process, dtype and device.
-`--compare-hf` (train only) also times Hugging Face's DeepseekV3ForCausalLM
-on the identical config with torch, when torch and transformers are
-installed (they are never required), and prints the ratio.
+rate that `roof` measures, in the same process, dtype and device. `generate`
+is `rollout`. `grpo` times whole GRPO iterations split into rollout, rewards,
+log-probs and update.
+
+Peers (never dependencies; bench_peers.py runs them in --peer_python, a
+separate torch venv): `--compare-hf` on train/forward/rollout/generate does
+the same work in transformers' DeepseekV3ForCausalLM, `--compare-trl` on grpo
+runs TRL's GRPOTrainer. Both sides load the same weights (our params written
+by `r1jax.interop.hf.save`), MTP is switched off (transformers has none), and
+the outputs are checked to agree (logits within --parity_atol) before the
+timings count; `speedup` = peer seconds / ours (above 1: r1jax is faster).
 
 Commands live in `COMMANDS` (name -> flag declarer, runner); add one there.
 Times are measured after a warm-up call, so compilation is reported apart.
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import time
 from typing import Any, Callable
 
@@ -27,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.model import ModelConfig, cache_bytes_per_token, init_params, logical_axes, param_counts
+from r1jax.model import (ModelConfig, Transformer, cache_bytes_per_token, init_params, logical_axes,
+                         param_counts)
 from r1jax.model.moe import MoE
 from r1jax.parallel.mesh import batch_sharding, logical_sharding, make_mesh
 from r1jax.rl.rollout import sample
@@ -44,9 +55,23 @@ def medium(**overrides) -> ModelConfig:
   return ModelConfig.tiny(**fields)
 
 
+def peer(**overrides) -> ModelConfig:
+  """The peer comparisons' model (issue #15): 4 layers (1 dense), d_model 256, 16 routed
+  experts top-4 + 1 shared, vocab 1024, q/kv LoRA 96/64, MTP off, float32."""
+  fields = dict(
+      vocab_size=1024, d_model=256, n_layers=4, n_dense_layers=1, n_heads=4, q_lora_rank=96,
+      kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, d_ff=768,
+      moe_d_ff=128, n_routed_experts=16, n_activated_experts=4, n_expert_groups=4,
+      n_limited_groups=2, original_max_position=256, max_seq_len=1024, mtp_depth=0,
+      dtype="float32", param_dtype="float32")
+  fields.update(overrides)
+  return ModelConfig.tiny(**fields)
+
+
 CONFIGS: dict[str, Callable[..., ModelConfig]] = {
     "tiny": ModelConfig.tiny,
     "medium": medium,
+    "peer": peer,
     "deepseek_v3_671b": ModelConfig.deepseek_v3_671b,  # figures only; too big to run here
 }
 
@@ -92,8 +117,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--roof_size", type=int, default=2048, help="matmul size of the MFU roof")
-  p.add_argument("--compare-hf", dest="compare_hf", action="store_true",
-                 help="also time transformers' DeepSeek-V3 on the same config (torch)")
+  _peer_flags(p)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
@@ -138,42 +162,77 @@ def _train(args: argparse.Namespace, cfg: ModelConfig) -> dict:
          "roof_tflops": round(roof / 1e12, 4),
          "mfu": round(tokens_per_s * flops / roof / (mesh.size if mesh is not None else 1), 4)}
   if args.compare_hf:
-    out.update(_hf_train(cfg, B, T, args.repeats, tokens_per_s))
+    # The peer starts from the same weights: ours before any update.
+    params0 = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+    out.update(_compare(args, cfg, params0, "train", tokens,
+                        _forward_logits(cfg)(params0, tokens), mean, repeats=args.repeats,
+                        lr=ocfg.learning_rate))
   return out
 
 
-def _hf_train(cfg: ModelConfig, B: int, T: int, repeats: int, ours_tokens_per_s: float) -> dict:
-  """The same step in transformers' DeepseekV3ForCausalLM (torch, AdamW), if installed."""
-  try:
-    import torch
-    import transformers
-  except ImportError:
-    return {"hf": "skipped: torch and transformers are not installed (pip install torch "
-                  "transformers)"}
-  from r1jax.interop.hf import config_to_hf
-  hf_cfg = transformers.DeepseekV3Config(**{k: v for k, v in config_to_hf(cfg).items()
-                                             if k not in ("architectures", "model_type",
-                                                          "torch_dtype")})
-  dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-  model = transformers.DeepseekV3ForCausalLM(hf_cfg).to(dtype)
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-  ids = torch.randint(3, cfg.vocab_size, (B, T))
+def _peer_flags(p: argparse.ArgumentParser, flag: str = "--compare-hf") -> None:
+  dest = flag[2:].replace("-", "_")
+  what = "TRL's GRPOTrainer" if dest == "compare_trl" else "transformers' DeepSeek-V3"
+  p.add_argument(flag, dest=dest, action="store_true",
+                 help=f"also run {what} on the same model and work (torch, CPU)")
+  p.add_argument("--peer_python", default=None,
+                 help="interpreter of the torch venv (default: this one, if it has torch)")
+  p.add_argument("--parity_atol", type=float, default=1e-3,
+                 help="largest |logits ours - peer| that counts as the same work")
+  p.add_argument("--peer_threads", type=int, default=0, help="torch threads (0: torch's default)")
 
-  def step():
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
 
-  step()
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    step()
-  hf_s = (time.perf_counter() - t0) / repeats
-  return {"hf_step_s": round(hf_s, 4), "hf_tokens_per_s": round(B * T / hf_s, 1),
-          "hf_threads": torch.get_num_threads(), "transformers": transformers.__version__,
-          "speedup_vs_hf": round(ours_tokens_per_s / (B * T / hf_s), 2)}
+def _compare(args: argparse.Namespace, cfg: ModelConfig, params, job: str, tokens,
+             ours_logits, ours_s: float, ours_tokens=None, **spec) -> dict:
+  """Runs the peer `job` on our weights and inputs; parity first, then the timings."""
+  import tempfile
+
+  from r1jax.interop import hf
+  from r1jax.tools import bench_peers
+  python = args.peer_python  # checked by check_compare
+  with tempfile.TemporaryDirectory(prefix=f"r1jax-bench-{job}-") as d:
+    hf.save(os.path.join(d, "ckpt"), cfg, jax.device_get(params), dtype="float32")
+    np.save(os.path.join(d, "tokens_in.npy"), np.asarray(tokens, np.int32))
+    peer = bench_peers.run_peer(python, d, dict(job=job, threads=args.peer_threads, **spec))
+    check = bench_peers.parity(ours_logits, np.load(os.path.join(d, "logits.npy")),
+                               args.parity_atol)
+    if ours_tokens is not None:
+      check.update(bench_peers.token_agreement(ours_tokens, np.load(os.path.join(d,
+                                                                                 "tokens.npy"))))
+  if not check["ok"]:
+    raise RuntimeError(f"{job}: the peer's logits differ from ours by {check['max_abs_diff']:.3g}"
+                       f" > --parity_atol={args.parity_atol}; the two sides are not doing the "
+                       "same work, so no timing is reported")
+  return {"peer": {"impl": "transformers", **peer}, "parity": check,
+          "speedup": bench_peers.speedup(ours_s, peer["step_s"])}
+
+
+def _forward_logits(cfg: ModelConfig):
+  return jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x))
+
+
+# ----------------------------------------------------------------------------
+# forward: logits of a [B, T] batch (no cache)
+
+def _forward_flags(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--seq", type=int, default=256)
+  p.add_argument("--repeats", type=int, default=3)
+  _peer_flags(p)
+
+
+def _forward(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  B, T = args.batch, args.seq
+  tokens = jax.random.randint(jax.random.key(1), (B, T), 3, cfg.vocab_size, jnp.int32)
+  fwd = _forward_logits(cfg)
+  first, mean = _timed(lambda: fwd(params, tokens), args.repeats)
+  out = {"batch": B, "seq": T, "step_s": round(mean, 4), "compile_s": round(first - mean, 2),
+         "tokens_per_s": round(B * T / mean, 1)}
+  if args.compare_hf:
+    out.update(_compare(args, cfg, params, "forward", tokens, fwd(params, tokens), mean,
+                        repeats=args.repeats))
+  return out
 
 
 # ----------------------------------------------------------------------------
@@ -183,10 +242,12 @@ def _rollout_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--prompt", type=int, default=32, help="prompt slots P (all rows full)")
   p.add_argument("--new", type=int, default=128, help="new tokens N (EOS off: all N are made)")
-  p.add_argument("--temperature", type=float, default=1.0)
+  p.add_argument("--temperature", type=float, default=None,
+                 help="1.0, or 0.0 (greedy) with --compare-hf")
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--repeats", type=int, default=3)
+  _peer_flags(p)
 
 
 def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
@@ -196,7 +257,9 @@ def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     mesh = make_mesh(tuple(int(s) for s in args.mesh.split(",")))
     params = jax.device_put(params, logical_sharding(mesh, logical_axes(cfg)))
   B, Pn, N = args.batch, args.prompt, args.new
-  prompts = jax.random.randint(jax.random.key(1), (B, Pn), 1, cfg.vocab_size, jnp.int32)
+  if args.temperature is None:
+    args.temperature = 1.0
+  prompts = jax.random.randint(jax.random.key(1), (B, Pn), 3, cfg.vocab_size, jnp.int32)
   lengths = jnp.full((B,), Pn, jnp.int32)
 
   def run(new: int):
@@ -209,7 +272,7 @@ def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
   _, prefill_s = _timed(run(1), args.repeats)
   dtype_bytes = jnp.dtype(cfg.dtype).itemsize
   per_token = cache_bytes_per_token(cfg, dtype_bytes)
-  return {
+  out = {
       "batch": B, "prompt": Pn, "new": N,
       "compile_s": round(first - total_s, 3),
       "rollout_s": round(total_s, 4),
@@ -221,7 +284,112 @@ def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
       "naive_cache_bytes_per_token": per_token["naive"],
       "cache_ratio": round(per_token["ratio"], 2),
       "cache_bytes": B * (Pn + N) * per_token["latent"],
+      "temperature": args.temperature,
   }
+  if args.compare_hf:
+    out.update(_compare(args, cfg, params, "generate", prompts,
+                        _forward_logits(cfg)(params, prompts), total_s,
+                        ours_tokens=run(N)(), repeats=args.repeats, new=N))
+  return out
+
+
+# ----------------------------------------------------------------------------
+# grpo: whole GRPO iterations, split into rollout, rewards, log-probs and update
+
+PHASES = {"rollout": "time/rollout_s", "rewards": "time/reward_s",
+          "logprobs": "time/logprob_s", "update": "time/train_s"}
+
+
+def _grpo_flags(p: argparse.ArgumentParser) -> None:
+  p.set_defaults(config="peer")
+  p.add_argument("--prompts", type=int, default=8, help="prompts per step Q")
+  p.add_argument("--group", type=int, default=8, help="completions per prompt G")
+  p.add_argument("--prompt", type=int, default=32, help="prompt tokens P (all prompts full)")
+  p.add_argument("--new", type=int, default=128, help="new tokens N (no EOS: all N are made)")
+  p.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 keeps a reference)")
+  p.add_argument("--lr", type=float, default=1e-6)
+  p.add_argument("--steps", type=int, default=3, help="timed steps after the first")
+  _peer_flags(p, "--compare-trl")
+
+
+def grpo_examples(vocab_size: int, n_prompts: int, prompt_len: int, seed: int = 0) -> list:
+  """Fixed prompts (ids 3..V-1, so no pad/BOS/EOS id), the same on both sides."""
+  rng = np.random.default_rng(seed)
+  return rng.integers(3, vocab_size, (n_prompts, prompt_len)).tolist()
+
+
+def phase_split(metrics: dict, step_s: float) -> dict:
+  """One step's seconds by phase; `other` (advantages, bookkeeping) makes them add up."""
+  split = {name: float(metrics[key]) for name, key in PHASES.items()}
+  split["other"] = step_s - sum(split.values())
+  return {"step_s": step_s, **split}
+
+
+def _round(split: dict) -> dict:
+  return {k: round(v, 4) for k, v in split.items()}
+
+
+def _grpo(args: argparse.Namespace, cfg: ModelConfig) -> dict:
+  from r1jax.rl.step import GRPOConfig, GRPOStep, reward_from_fn
+  from r1jax.tools.bench_peers import low_id_reward, token_text
+  from r1jax.train.optim import OptimConfig
+  if args.steps < 1:
+    raise ValueError(f"--steps={args.steps} must be >= 1 (steps timed after the first)")
+  Q, G, Pn, N = args.prompts, args.group, args.prompt, args.new
+  gcfg = GRPOConfig(group_size=G, prompts_per_step=Q, max_prompt_len=Pn, max_new_tokens=N,
+                    temperature=1.0, num_iterations=1, n_minibatches=1, beta=args.beta,
+                    ref_reset_every=0)
+  ocfg = OptimConfig(learning_rate=args.lr, warmup_steps=0, total_steps=1000, weight_decay=0.0)
+  V = cfg.vocab_size
+  reward = reward_from_fn(lambda text, ex: low_id_reward(text, V), "low_ids")
+  mesh = make_mesh(tuple(int(s) for s in args.mesh.split(","))) if args.mesh else None
+  grpo_step = GRPOStep(cfg, gcfg, ocfg, reward, decode=token_text, eos_id=None, pad_id=0,
+                       mesh=mesh)
+  params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
+  prompts = grpo_examples(V, Q * (args.steps + 1), Pn)
+  examples = iter([{"prompt_ids": p} for p in prompts])
+  state = grpo_step.init_state(params)
+  steps = []
+  for _ in range(args.steps + 1):
+    t0 = time.perf_counter()
+    state, m = grpo_step(state, examples, jax.random.key(1))
+    jax.block_until_ready(state.params)
+    steps.append(phase_split(m, time.perf_counter() - t0))
+  timed = sorted(steps[1:], key=lambda s: s["step_s"])
+  median = timed[len(timed) // 2]  # a real step (its split adds up), the upper median
+  out = {"prompts": Q, "group": G, "prompt": Pn, "new": N, "beta": args.beta,
+         "completions_per_step": Q * G, "updates_per_step": gcfg.updates_per_step,
+         "first_step": _round(steps[0]), "median_step": _round(median),
+         "step_s": round(median["step_s"], 4), "all_step_s": [round(s["step_s"], 4)
+                                                              for s in steps]}
+  if args.compare_trl:
+    out.update(_compare_trl(args, cfg, params, prompts, median["step_s"]))
+  return out
+
+
+def _compare_trl(args: argparse.Namespace, cfg: ModelConfig, params, prompts: list,
+                 ours_s: float) -> dict:
+  """TRL's GRPOTrainer on our initial weights, the same prompts, settings and reward."""
+  import tempfile
+
+  from r1jax.interop import hf
+  from r1jax.tools import bench_peers
+  python = args.peer_python  # checked by check_compare
+  spec = dict(job="grpo", threads=args.peer_threads, prompts=prompts, group=args.group,
+              prompts_per_step=args.prompts, prompt_len=args.prompt, new=args.new,
+              beta=args.beta, lr=args.lr, steps=args.steps + 1, vocab_size=cfg.vocab_size)
+  with tempfile.TemporaryDirectory(prefix="r1jax-bench-grpo-") as d:
+    hf.save(os.path.join(d, "ckpt"), cfg, jax.device_get(params), dtype="float32")
+    tokens = np.asarray(prompts[:args.prompts], np.int32)
+    np.save(os.path.join(d, "tokens_in.npy"), tokens)
+    peer = bench_peers.run_peer(python, d, spec)
+    check = bench_peers.parity(_forward_logits(cfg)(params, tokens),
+                               np.load(os.path.join(d, "logits.npy")), args.parity_atol)
+  if not check["ok"]:
+    raise RuntimeError(f"grpo: the peer's logits differ from ours by {check['max_abs_diff']:.3g}"
+                       f" > --parity_atol={args.parity_atol}; not the same model")
+  return {"peer": {"impl": "trl", **peer}, "parity": check,
+          "speedup": bench_peers.speedup(ours_s, peer["step_s"])}
 
 
 # ----------------------------------------------------------------------------
@@ -277,7 +445,10 @@ def _moe(args: argparse.Namespace, cfg: ModelConfig) -> dict:
 COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                           Callable[[argparse.Namespace, ModelConfig], dict]]] = {
     "train": (_train_flags, _train),
+    "forward": (_forward_flags, _forward),
     "rollout": (_rollout_flags, _rollout),
+    "generate": (_rollout_flags, _rollout),
+    "grpo": (_grpo_flags, _grpo),
     "moe": (_moe_flags, _moe),
     "roof": (_roof_flags, _roof),
 }
@@ -296,16 +467,38 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
+PEER_JOBS = {"forward": "forward", "train": "train", "rollout": "generate",
+             "generate": "generate", "grpo": "grpo"}
+
+
+def check_compare(args: argparse.Namespace) -> str:
+  """Checks a --compare run's settings and finds the peer interpreter, before any timing."""
+  from r1jax.tools import bench_peers
+  if args.command in ("rollout", "generate"):
+    if args.temperature is None:
+      args.temperature = 0.0
+    if (args.temperature, args.top_p, args.top_k) != (0.0, 1.0, 0):
+      raise ValueError("--compare-hf times greedy decoding on both sides: drop --temperature, "
+                       "--top_p and --top_k (or set --temperature=0)")
+  if args.mesh:
+    raise ValueError("--mesh: the peers run on one CPU process; compare without --mesh")
+  return bench_peers.resolve_peer_python(args.peer_python, PEER_JOBS[args.command])
+
+
 def main(argv: list[str] | None = None) -> dict:
   args = parse(argv)
   cfg = CONFIGS[args.config]()
   if args.dtype:
     cfg = cfg.replace(dtype=args.dtype)
+  if getattr(args, "compare_hf", False) or getattr(args, "compare_trl", False):
+    cfg = cfg.replace(mtp_depth=0)  # the peers have no MTP: both sides run without it
+    args.peer_python = check_compare(args)
   result = COMMANDS[args.command][1](args, cfg)
   counts = param_counts(cfg)
   line = {"command": args.command, "config": args.config, "backend": jax.default_backend(),
+          "jax": jax.__version__,
           "devices": jax.device_count(), "params": counts["total"],
-          "activated_params": counts["activated"], **result}
+          "activated_params": counts["activated"], "mtp_depth": cfg.mtp_depth, **result}
   print(json.dumps(line))
   return line
 
