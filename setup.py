@@ -31,6 +31,9 @@ setuptools.setup(
     extras_require={
         "dev": [
             "pytest>=8",
+            # the suite runs on 2 workers (pytest.ini); tests sharing the smoke runs
+            # form one xdist group
+            "pytest-xdist>=3.6",
             "hypothesis>=6.100",
             # notebooks/ run headless in the test suite
             "nbformat>=5.9",

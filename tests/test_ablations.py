@@ -40,6 +40,7 @@ def test_bad_arm_is_a_one_line_error():
     module.get_config("b7")
 
 
+@pytest.mark.xdist_group("smoke")  # reads the main job's smoke run (conftest)
 def test_sweep_reuses_equal_stages_and_writes_a_table(tmp_path, zero_run):
   """Arm b1e-3 is the main job itself: both its stages are copied from the main
   job's run; arm b0 copies the pretraining and runs its own GRPO."""

@@ -22,6 +22,10 @@ from r1jax import storage
 from tests.conftest import SMOKE_RUNS
 from tests.experiment_loader import ROOT
 
+# One xdist worker runs every test that reads the smoke runs (conftest), so each
+# is computed once.
+pytestmark = pytest.mark.xdist_group("smoke")
+
 # Timings and throughputs differ from run to run; everything else must not.
 _UNTIMED = ("time/", "wall_s", "_per_s")
 # The sampler-vs-trainer log-prob gap, and the mass top-k/top-p cut away (0 when
@@ -30,22 +34,34 @@ _UNTIMED = ("time/", "wall_s", "_per_s")
 _NOISE = ("logp_mismatch/", "logp_truncation/")
 
 
-def _launch(jobs: list[dict], path: str, env: dict) -> subprocess.CompletedProcess:
+def _launch(jobs: list[dict], path: str, env: dict) -> subprocess.Popen:
   with open(path, "w") as f:
     json.dump(jobs, f)
-  return subprocess.run([sys.executable, "launch/local.py", "--num_processes=2",
-                         "--devices_per_process=4", "--", sys.executable, "-m",
-                         "tests.multihost_jobs", path],
-                        cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
+  return subprocess.Popen([sys.executable, "launch/local.py", "--num_processes=2",
+                           "--devices_per_process=4", "--", sys.executable, "-m",
+                           "tests.multihost_jobs", path],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)
 
 
-def _job(name: str, workdir: str, **extra) -> dict:
-  config, overrides = SMOKE_RUNS[name]
-  return {"config": config, "overrides": overrides, "workdir": workdir, **extra}
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+  out, _ = proc.communicate(timeout=1800)
+  return proc.returncode, out
+
+
+def _job(name: str, workdir: str, overrides: dict | None = None, **extra) -> dict:
+  config, smoke_overrides = SMOKE_RUNS[name]
+  return {"config": config, "overrides": {**smoke_overrides, **(overrides or {})},
+          "workdir": workdir, **extra}
+
+
+# R1's stages after rejection sampling (SFT, then GRPO again) are kinds the
+# comparison already covers; the 2 x 4 run stops there.
+_R1_STAGES = ["pretrain", "cold_start", "reasoning_rl", "rejection"]
 
 
 @pytest.fixture(scope="module")
-def two_process_runs(tmp_path_factory, gcs_bucket, zero_run):
+def two_process_runs(tmp_path_factory, gcs_bucket, zero_run, request):
   tmp = tmp_path_factory.mktemp("multihost")
   # The same XLA flags as the 1 × 8 runs in this process (the launcher sets the
   # device count), and one compilation cache for both launches.
@@ -55,16 +71,21 @@ def two_process_runs(tmp_path_factory, gcs_bucket, zero_run):
           "r1_zero": f"{gcs_bucket}/multihost/r1_zero"}
   # The distillation's teacher stages (the main job's) are copied from the 1 x 8
   # run, as the 1 x 8 distill run does: what is compared there is the distill stage.
-  first = _launch([_job("r1", dirs["r1"]),
+  first = _launch([_job("r1", dirs["r1"], overrides={"pipeline": _R1_STAGES}),
                    _job("distill", dirs["distill"], reuse_from=[zero_run[0]]),
                    _job("r1_zero", dirs["r1_zero"],
                         kill={"stage": "grpo", "step": 2, "process": 1})],
                   str(tmp / "first.json"), env)
-  assert "killing process 1 in grpo at step 2" in first.stdout, first.stdout[-4000:]
-  assert first.returncode != 0
-  second = _launch([_job("r1_zero", dirs["r1_zero"])], str(tmp / "second.json"), env)
-  assert second.returncode == 0, second.stdout[-4000:]
-  return dirs, first.stdout, second.stdout
+  # The 1 x 8 runs to compare with are computed here while the two processes work.
+  request.getfixturevalue("r1_run")
+  request.getfixturevalue("distill_run")
+  code, first_out = _finish(first)
+  assert "killing process 1 in grpo at step 2" in first_out, first_out[-4000:]
+  assert code != 0
+  code, second_out = _finish(_launch([_job("r1_zero", dirs["r1_zero"])],
+                                     str(tmp / "second.json"), env))
+  assert code == 0, second_out[-4000:]
+  return dirs, first_out, second_out
 
 
 def _close(a: float, b: float) -> bool:
@@ -116,7 +137,8 @@ def _assert_same_run(one_dir: str, two_dir: str, stages) -> None:
 def test_r1_on_an_expert_axis_across_processes_matches_one_process(two_process_runs, r1_run):
   dirs, _, _ = two_process_runs
   workdir, results = r1_run
-  _assert_same_run(workdir, dirs["r1"], results)
+  assert _R1_STAGES == list(results)[:len(_R1_STAGES)]
+  _assert_same_run(workdir, dirs["r1"], _R1_STAGES)
   # The rejection stage's dataset is the same file, written once by process 0.
   a = storage.read_text(storage.join(workdir, "rejection", "dataset.jsonl"))
   assert a == storage.read_text(storage.join(dirs["r1"], "rejection", "dataset.jsonl"))

@@ -1,17 +1,21 @@
-"""The pipeline end to end on the smoke configs: outputs, skipping, exact resume after SIGKILL."""
+"""The pipeline end to end on the smoke configs: outputs, skipping, one-line config errors.
+
+Exact resume after a SIGKILL is tested by tests/test_multihost.py (a process killed
+in the middle of GRPO, resumed from its checkpoints to the uninterrupted run's numbers)."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from r1jax.pipeline import runner
 from r1jax.train.metrics import read_jsonl
 from tests.experiment_loader import ROOT, load_config
+
+# One xdist worker runs every test that reads the smoke runs (conftest).
+pytestmark = pytest.mark.xdist_group("smoke")
 
 
 def test_r1_zero_smoke_writes_every_artifact(zero_run):
@@ -50,39 +54,6 @@ def test_other_experiments_run_end_to_end(r1_run, distill_run):
   _, results = distill_run
   assert list(results) == list(load_config("experiments/distill/tiny.py", "smoke").pipeline)
   assert results["distill"]["student_params"] < results["distill"]["teacher_params"]
-
-
-def _pretrain_only(workdir: str) -> list:
-  return ["-m", "r1jax.main", "--config=experiments/r1_zero/tiny.py:smoke",
-          f"--workdir={workdir}", "--stages=pretrain", "--config.stages.pretrain.steps=6",
-          "--config.stages.pretrain.optim.total_steps=6",
-          "--config.stages.pretrain.checkpoint_every=2"]
-
-
-def test_sigkill_mid_stage_then_rerun_matches_uninterrupted(tmp_path):
-  env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
-  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  subprocess.run([sys.executable, *_pretrain_only(straight)], cwd=ROOT, env=env, check=True,
-                 capture_output=True, timeout=600)
-  proc = subprocess.Popen([sys.executable, *_pretrain_only(killed)], cwd=ROOT, env=env,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  ckpts = os.path.join(killed, "pretrain", "checkpoints")
-  deadline = time.time() + 600
-  while time.time() < deadline and proc.poll() is None:  # kill once step 2 or 4 is saved
-    if os.path.isdir(ckpts) and any(d.isdigit() for d in os.listdir(ckpts)):
-      break
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not os.path.exists(os.path.join(killed, "pretrain", "outputs.json"))
-  subprocess.run([sys.executable, *_pretrain_only(killed)], cwd=ROOT, env=env, check=True,
-                 capture_output=True, timeout=600)
-  a = json.load(open(os.path.join(straight, "pretrain", "outputs.json")))
-  b = json.load(open(os.path.join(killed, "pretrain", "outputs.json")))
-  assert a["eval_loss_after"] == b["eval_loss_after"]
-  assert a["final_loss"] == b["final_loss"]
-  rows = read_jsonl(os.path.join(killed, "pretrain", "metrics.jsonl"))
-  assert [r["step"] for r in rows] == list(range(1, 7))
 
 
 def test_bad_config_flag_is_a_one_line_error(tmp_path):
