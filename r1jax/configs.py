@@ -55,6 +55,8 @@ def base() -> ml_collections.ConfigDict:
 
 def _train_keys(**kw) -> dict:
   keys = dict(steps=100, batch_size=32, seq_len=160, log_every=10, checkpoint_every=50,
+              # Each batch as this many chunks, gradients summed, one update (memory, not maths).
+              micro_batches=1,
               optim=ml_collections.ConfigDict(_fields(OptimConfig())),
               # Held-out accuracy after training (0 prompts = skip), sampled in eval_template.
               eval_prompts=0, eval_samples=1, eval_temperature=0.6, eval_template="r1_zero",
@@ -166,6 +168,10 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
   if "batch_size" in sc and sc.kind != "grpo" and sc.batch_size % n_dp:
     raise ValueError(f"batch_size={sc.batch_size} is not a multiple of the {n_dp} "
                      "data-parallel devices")
+  if "micro_batches" in sc and (sc.micro_batches < 1 or sc.batch_size % sc.micro_batches
+                                or (sc.batch_size // sc.micro_batches) % n_dp):
+    raise ValueError(f"micro_batches={sc.micro_batches} must divide batch_size={sc.batch_size} "
+                     f"into micro-batches that are multiples of the {n_dp} data-parallel devices")
   if "student" in sc:
     ModelConfig(**sc.student.to_dict())
   for key in ("r1_zero_fraction", "wrong_answer_rate", "direct_answer_rate"):
@@ -179,6 +185,19 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
     if g.minibatch_size % n_dp:
       raise ValueError(f"grpo minibatch of {g.minibatch_size} completions is not a multiple "
                        f"of the {n_dp} data-parallel devices")
+    if (g.minibatch_size // g.micro_batches) % n_dp:
+      raise ValueError(f"grpo.micro_batches={g.micro_batches} leaves "
+                       f"{g.minibatch_size // g.micro_batches} completions per micro-batch, "
+                       f"not a multiple of the {n_dp} data-parallel devices")
+    if g.slice_size % n_dp:
+      raise ValueError(f"grpo.rollout_slice={g.rollout_slice} is not a multiple of the {n_dp} "
+                       "data-parallel devices")
+    # `steps` counts rollouts, the schedule counts updates (GRPOConfig's docstring).
+    if sc.optim.total_steps != sc.steps * g.updates_per_step:
+      raise ValueError(
+          f"optim.total_steps={sc.optim.total_steps} must equal steps × updates per rollout "
+          f"= {sc.steps} × {g.updates_per_step} (grpo.n_minibatches × grpo.num_iterations) = "
+          f"{sc.steps * g.updates_per_step}: steps counts rollouts, optim.total_steps updates")
   if "batch_rows" in sc and sc.batch_rows % n_dp:
     raise ValueError(f"batch_rows={sc.batch_rows} is not a multiple of the {n_dp} "
                      "data-parallel devices")

@@ -28,6 +28,13 @@ def _main(*args: str, workdir: str) -> tuple[int, list[str]]:
      "experiments/does_not_exist.py"),
     ((TINY, "--config.no_such_key=1"), "--config.no_such_key: no such config key"),
     ((TINY, "--config.stages.grpo.grpo.beta=abc"), "--config.stages.grpo.grpo.beta=abc"),
+    # GRPO's units: steps counts rollouts, the schedule and the reference reset count
+    # updates (n_minibatches = 2 per rollout in the tiny config).
+    ((TINY, "--config.stages.grpo.optim.total_steps=30"),
+     "stages.grpo: optim.total_steps=30 must equal steps × updates per rollout = 30 × 2"),
+    ((TINY, "--config.stages.grpo.grpo.ref_reset_every=5"), "ref_reset_every=5 counts updates"),
+    ((TINY, "--config.stages.grpo.grpo.rollout_slice=4"),
+     "grpo.rollout_slice=4 is not a multiple of the 8 data-parallel devices"),
 ])
 def test_a_config_mistake_is_one_line(tmp_path, args, expected):
   rc, lines = _main(*args, workdir=str(tmp_path))

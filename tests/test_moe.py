@@ -1,14 +1,16 @@
-"""DeepSeekMoE: routing by hand, dropless dispatch against the dense reference,
-the blocked grouped matmul against ragged_dot."""
+"""DeepSeekMoE: routing by hand, every routed-expert path against the dense
+reference (layer outputs, gradients and aux), the grouped matmuls against
+ragged_dot, the "auto" rule."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from r1jax.model import ModelConfig
-from r1jax.model.moe import (block_layout, dense_reference, dropless_dispatch, expert_load,
-                             grouped_swiglu, route, sequence_balance_loss, update_router_bias)
+from r1jax.model import ModelConfig, moe
+from r1jax.model.moe import (MoE, PATHS, block_layout, dense_reference, dropless_dispatch,
+                             expert_load, grouped_swiglu, moe_impl, route, routed_experts,
+                             sequence_balance_loss, update_router_bias)
 
 CFG = ModelConfig.tiny(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
                        n_activated_experts=2, route_scale=2.5)
@@ -132,8 +134,9 @@ def test_block_layout_round_trips_every_row():
     assert all(ends[g] - sizes[g] <= r < ends[g] for r in rows)
 
 
-@pytest.mark.parametrize("max_block", [1, 4, 128])
-def test_blocked_grouped_matmul_equals_ragged_dot(dispatch_case, max_block):
+@pytest.mark.parametrize("impl,max_block", [("blocked", 1), ("blocked", 4), ("blocked", 128),
+                                             ("sorted", 4), ("sorted", 128)])
+def test_grouped_matmul_equals_ragged_dot(dispatch_case, impl, max_block):
   x, experts, idx, w = dispatch_case
   cot = jax.random.normal(jax.random.key(9), x.shape)
   sizes = jnp.array([3, 0, 9, 2, 0, 0, 5, 1])  # 4 trailing rows in no group
@@ -145,10 +148,100 @@ def test_blocked_grouped_matmul_equals_ragged_dot(dispatch_case, max_block):
     return jax.jit(lambda x, e, w: (jax.value_and_grad(loss, argnums=(0, 1, 2))(x, e, w),
                                     swiglu(e, x, sizes)))(x, experts, w)
 
-  (v_b, g_b), y_b = run("blocked")
+  (v_b, g_b), y_b = run(impl)
   (v_r, g_r), y_r = run("ragged_dot")
   np.testing.assert_allclose(v_b, v_r, rtol=1e-5)
   np.testing.assert_allclose(y_b[:20], y_r[:20], atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(y_b[20:], 0)
   for g, r in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_r)):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+
+
+def _dispatch_grads(fn, cot):
+  """Jitted (x, experts, w, idx) -> value and grads (x, experts, w) of Σ fn(...)·cot."""
+  loss = lambda x, e, w, idx: jnp.sum(fn(e, x, idx, w, 8) * cot)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+
+@pytest.fixture(scope="module")
+def dispatch_want(dispatch_case):
+  """The reference, and the reference with the "no expert" choices' weights zeroed."""
+  x, experts, idx, w = dispatch_case
+  cot = jax.random.normal(jax.random.key(9), x.shape)
+  none = jnp.zeros(idx.shape, bool).at[-3:, 1].set(True)
+  ref = _dispatch_grads(dense_reference, cot)
+  return cot, none, ref(x, experts, w, idx), ref(x, experts, jnp.where(none, 0, w), idx)
+
+
+@pytest.mark.parametrize("impl", PATHS)
+def test_path_equals_dense_reference(dispatch_case, dispatch_want, impl):
+  # Outputs and gradients (inputs, expert weights, combine weights) to 1e-5; a
+  # few choices carry id E ("no expert", as expert parallelism pads) and add 0.
+  x, experts, idx, w = dispatch_case
+  cot, none, want, want_none = dispatch_want
+  cfg = CFG.replace(grouped_matmul=impl, gmm_block_size=4)
+  run = _dispatch_grads(lambda *a: routed_experts(cfg, *a), cot)
+  got = run(x, experts, w, idx)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+  v, (gx, ge, gw) = run(x, experts, w, jnp.where(none, 8, idx))
+  v_r, (gx_r, ge_r, _) = want_none
+  np.testing.assert_allclose(v, v_r, rtol=1e-5)
+  for g, r in zip(jax.tree.leaves((gx, ge)), jax.tree.leaves((gx_r, ge_r))):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(gw[none], 0)
+
+
+def _layer(cfg, x, valid, params, cot):
+  def loss(p, x):
+    y, aux = MoE(cfg).apply({"params": p}, x, valid)
+    return jnp.sum(y * cot), (y, aux)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+
+
+@pytest.fixture(scope="module")
+def layer_case():
+  """Input with padded tokens, params, cotangent, and the layer's result with
+  the dense reference in place of the routed-expert path."""
+  keys = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(keys[0], (2, 12, CFG.d_model))
+  valid = jnp.ones((2, 12), bool).at[1, 7:].set(False)
+  case = (x, valid, MoE(CFG).init(keys[1], x, valid)["params"],
+          jax.random.normal(keys[2], x.shape))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(moe, "routed_experts", lambda cfg, w, *a: dense_reference(w, *a))
+    return case, _layer(CFG, *case)
+
+
+@pytest.mark.parametrize("impl", PATHS)
+def test_layer_path_equals_dense_reference(layer_case, impl):
+  # Layer output, aux (load over valid tokens, balance) and gradients wrt params
+  # and input, against the same layer with the dense reference for the experts.
+  case, ((_, (y_r, aux_r)), grads_r) = layer_case
+  (_, (y, aux)), grads = _layer(CFG.replace(grouped_matmul=impl), *case)
+  np.testing.assert_allclose(y, y_r, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(aux["load"], aux_r["load"])
+  assert float(aux["load"].sum()) == 19 * CFG.n_activated_experts  # valid tokens only
+  np.testing.assert_allclose(aux["balance"], aux_r["balance"], rtol=1e-6)
+  paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(grads))
+  for path, g, r in zip(paths, leaves, jax.tree.leaves(grads_r)):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_auto_rule():
+  cfg = ModelConfig.tiny(n_routed_experts=16, n_activated_experts=4, d_model=512, moe_d_ff=256)
+  assert moe_impl(cfg, 4, "cpu") == "gather"  # decode: 16 choices ≤ 16 experts
+  assert moe_impl(cfg, 4, "gpu") == "gather"
+  assert moe_impl(cfg, 2048, "cpu") == "blocked"
+  assert moe_impl(cfg, 2048, "accelerator") == "ragged_dot"
+  # Expert parallelism: 2 local experts, one choice per received row.
+  assert moe_impl(cfg, 2, "tpu", n_experts=2, top_k=1) == "gather"
+  assert moe_impl(cfg, 64, "tpu", n_experts=2, top_k=1) == "ragged_dot"
+  assert moe_impl(cfg.replace(grouped_matmul="dense"), 4, "cpu") == "dense"
+  assert moe.exchange_impl("auto", "cpu") == "all_to_all"
+  assert moe.exchange_impl("auto", "gpu") == "ragged_all_to_all"
+
+
+def test_unknown_path_is_reported():
+  with pytest.raises(ValueError, match="grouped_matmul must be"):
+    ModelConfig.tiny(grouped_matmul="segment")

@@ -3,8 +3,10 @@
 R1 (Nature version, Methods): lr 3e-6, KL coefficient 0.001 (k3), temperature 1,
 G = 16, 32 questions per update, rollouts of 512 questions (8,192 outputs) split
 into 16 minibatches with one pass, reference reset every 400 updates, max
-length 32,768, 10,400 steps. The base model is DeepSeek-V3-Base in Hugging Face
-format (bf16 safetensors; convert the released FP8 files first), read by
+length 32,768, 10,400 steps. The paper's steps are updates: 16 per rollout, so
+10,400 updates are 650 rollouts (this config's `steps`, a GRPOStep call each)
+and the reference is reset every 25 rollouts. The base model is DeepSeek-V3-Base
+in Hugging Face format (bf16 safetensors; convert the released FP8 files first), read by
 r1jax.interop.hf on every host.
 
   python launch/tpu_pod.py --tpu=NAME --zone=ZONE --config=experiments/r1_zero/v3_671b.py \
@@ -25,13 +27,19 @@ def get_config(arg: str | None = None):
                      vocab_size=129280, tokenizer_path="gs://BUCKET/deepseek_v3/tokenizer.model"))
   c.pipeline = ("grpo",)
   c.stages.grpo = configs.grpo_stage(
-      init="hf:/mnt/checkpoints/DeepSeek-V3-Base-bf16", rewards=(("accuracy", 1.0), ("format", 1.0)), steps=10_400,
+      init="hf:/mnt/checkpoints/DeepSeek-V3-Base-bf16",
+      rewards=(("accuracy", 1.0), ("format", 1.0)),
+      steps=650,  # rollouts: 10,400 updates / 16 updates per rollout
       log_every=1, checkpoint_every=50, eval_prompts=30, eval_samples=16, eval_temperature=0.6,
       reward_workers=64, reward_timeout_s=30.0,
+      # The latent cache is 2.4 GB a completion (33,792 slots × 576 × 61 layers, bf16):
+      # all 8,192 at once would be 76 GB a device; slices of 1,024 take 9.5 GB.
       grpo=dict(group_size=16, prompts_per_step=512, max_prompt_len=1024, max_new_tokens=32_768,
-                temperature=1.0, n_minibatches=16, num_iterations=1, beta=0.001,
-                kl_estimator="k3", eps_low=0.2, eps_high=0.2, ref_reset_every=400),
-      optim=dict(learning_rate=3e-6, warmup_steps=0, total_steps=10_400 * 16,
+                rollout_slice=1024, temperature=1.0, n_minibatches=16, num_iterations=1, beta=0.001,
+                kl_estimator="k3", eps_low=0.2, eps_high=0.2,
+                ref_reset_every=400),  # updates (= 25 rollouts)
+      # The schedule counts updates: 650 rollouts × 16 minibatches × 1 pass.
+      optim=dict(learning_rate=3e-6, warmup_steps=0, total_steps=10_400,
                  end_lr_fraction=1.0, weight_decay=0.1, grad_clip_norm=1.0))
   c.lock()
   return c

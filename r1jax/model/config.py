@@ -52,21 +52,34 @@ class ModelConfig:
   # Balancing (V3 report §2.1.2): bias step γ and the sequence-wise loss α.
   bias_update_rate: float = 0.001
   seq_aux_loss_alpha: float = 0.0001
-  # MoE execution (results do not depend on these). Grouped matmul: "ragged_dot"
-  # (GPU/TPU), "blocked" (XLA:CPU, rows padded to blocks of ≤ gmm_block_size),
-  # "auto" by backend. Expert parallelism runs when an ambient mesh
-  # (`jax.set_mesh`) has an expert axis > 1; ep_exchange: "all_to_all" (fixed
+  # MoE execution (results do not depend on these). grouped_matmul is the
+  # routed-expert path: "gather" (per-token weights; decode), "dense" (all
+  # experts, no dispatch), "sorted" (XLA:CPU scan over blocks of ≤
+  # gmm_block_size rows), "blocked" (same blocks, batched over weight copies),
+  # "ragged_dot" (GPU/TPU); "auto" = moe.moe_impl by token count and backend.
+  # Expert parallelism runs when an ambient mesh (`jax.set_mesh`) has an
+  # expert axis > 1; ep_exchange: "all_to_all" (fixed
   # capacity, any backend), "ragged_all_to_all" (GPU/TPU), "auto" by backend;
   # ep_capacity_factor 0 = worst-case buffers, > 0 = balanced-load buffers with
   # a dropless worst-case fallback (see r1jax/parallel/expert_parallel.py).
-  grouped_matmul: Literal["auto", "ragged_dot", "blocked"] = "auto"
+  grouped_matmul: Literal["auto", "gather", "dense", "sorted", "blocked", "ragged_dot"] = "auto"
   gmm_block_size: int = 128
   ep_exchange: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
   ep_capacity_factor: float = 0.0
+  # Attention kernel (results agree to float rounding): "reference" (materialised
+  # [B,H,T,S] scores), "blocked" (pure-JAX flash, key/query blocks of
+  # attention_block), "cudnn" (GPU), "splash" (TPU), "auto" by backend and
+  # shape (r1jax/model/attention.py: choose_attention).
+  attention: Literal["auto", "reference", "blocked", "cudnn", "splash"] = "auto"
+  attention_block: int = 512
   # Numerics and compilation.
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
   remat: bool = False
+  # Sequence positions per output-head chunk in the losses and log-probs: each
+  # chunk's [B, logits_chunk, V] float32 logits exist only one at a time
+  # (r1jax/model/head.py). Results do not depend on it.
+  logits_chunk: int = 1024
 
   def __post_init__(self):
     problems = []
@@ -87,9 +100,9 @@ class ModelConfig:
       problems.append("qk_rope_head_dim must be even")
     if self.score_func not in ("sigmoid", "softmax"):
       problems.append(f"score_func must be 'sigmoid' or 'softmax', got {self.score_func!r}")
-    if self.grouped_matmul not in ("auto", "ragged_dot", "blocked"):
-      problems.append(f"grouped_matmul must be 'auto', 'ragged_dot' or 'blocked', "
-                      f"got {self.grouped_matmul!r}")
+    if self.grouped_matmul not in ("auto", "gather", "dense", "sorted", "blocked", "ragged_dot"):
+      problems.append("grouped_matmul must be 'auto', 'gather', 'dense', 'sorted', 'blocked' "
+                      f"or 'ragged_dot', got {self.grouped_matmul!r}")
     if self.gmm_block_size < 1:
       problems.append("gmm_block_size must be >= 1")
     if self.ep_exchange not in ("auto", "all_to_all", "ragged_all_to_all"):
@@ -99,6 +112,13 @@ class ModelConfig:
       problems.append("ep_capacity_factor must be >= 0 (0: worst-case buffers)")
     if self.mtp_depth < 0:
       problems.append("mtp_depth must be >= 0")
+    if self.attention not in ("auto", "reference", "blocked", "cudnn", "splash"):
+      problems.append(f"attention must be 'auto', 'reference', 'blocked', 'cudnn' "
+                      f"or 'splash', got {self.attention!r}")
+    if self.attention_block < 1:
+      problems.append(f"attention_block must be >= 1, got {self.attention_block}")
+    if self.logits_chunk < 1:
+      problems.append(f"logits_chunk must be >= 1, got {self.logits_chunk}")
     if problems:
       raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
 

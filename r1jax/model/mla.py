@@ -10,6 +10,8 @@ Decode form: only c_kv and k_pe are cached (C + dr numbers per token per layer).
         W_uk is absorbed into the query (q_lat = q_nope · W_uk, scored against
         c_kv directly) and W_uv into the output (attend over c_kv, then W_uv).
 
+Both forms call `attention.attend` (kernel chosen by cfg.attention).
+
 Glossary: B batch, T query tokens, S key slots, D d_model, H heads,
 C kv_lora_rank, Q q_lora_rank, K qk_nope_head_dim, R qk_rope_head_dim,
 V v_head_dim.
@@ -21,18 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from r1jax.model.attention import attend
 from r1jax.model.config import ModelConfig
 from r1jax.model.layers import Linear, RMSNorm, dtypes
 from r1jax.model.rope import apply_rope
-
-_MASKED = -1e30  # finite so fully masked rows (padding queries) give no NaN
-
-
-def attention_mask(q_slot_T: jnp.ndarray, valid_BxS: jnp.ndarray) -> jnp.ndarray:
-  """[B, 1, T, S] boolean: key slot s is visible to query slot t iff s ≤ t and s is valid."""
-  S = valid_BxS.shape[1]
-  causal_TxS = jnp.arange(S)[None, :] <= q_slot_T[:, None]
-  return causal_TxS[None, None] & valid_BxS[:, None, None, :].astype(bool)
 
 
 class MLA(nn.Module):
@@ -72,10 +66,10 @@ class MLA(nn.Module):
     k_pe_BxTxR = apply_rope(kv_BxTxF[..., None, c.kv_lora_rank:], pos_BxT, c)[:, :, 0]
     return c_kv_BxTxC, k_pe_BxTxR
 
-  def _softmax(self, scores_BxHxTxS, mask_Bx1xTxS):
-    scores = jnp.where(mask_Bx1xTxS, scores_BxHxTxS.astype(jnp.float32) * self.cfg.softmax_scale,
-                       _MASKED)
-    return jax.nn.softmax(scores, axis=-1)
+  def _attend(self, q_parts, k_parts, v_BxSxGxV, start, valid_BxS):
+    c = self.cfg
+    return attend(q_parts, k_parts, v_BxSxGxV, start, valid_BxS, scale=c.softmax_scale,
+                  impl=c.attention, block=c.attention_block)
 
   def __call__(self, x_BxTxD, pos_BxT, valid_BxT):
     """Training form: expands per-head keys and values from the latent."""
@@ -86,11 +80,10 @@ class MLA(nn.Module):
     kv_BxTxHxF = self.wkv_b(c_kv_BxTxC)
     k_nope_BxTxHxK = kv_BxTxHxF[..., :c.qk_nope_head_dim]
     v_BxTxHxV = kv_BxTxHxF[..., c.qk_nope_head_dim:]
-    scores = (jnp.einsum("bthk,bshk->bhts", q_nope, k_nope_BxTxHxK)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, k_pe_BxTxR))
-    T = x_BxTxD.shape[1]
-    probs_BxHxTxS = self._softmax(scores, attention_mask(jnp.arange(T), valid_BxT))
-    out_BxTxHxV = jnp.einsum("bhts,bshv->bthv", probs_BxHxTxS.astype(dt), v_BxTxHxV)
+    # k_pe is one key for all heads: a G=1 part, never broadcast to H.
+    out_BxTxHxV = self._attend((q_nope.astype(dt), q_pe.astype(dt)),
+                               (k_nope_BxTxHxK.astype(dt), k_pe_BxTxR[:, :, None].astype(dt)),
+                               v_BxTxHxV.astype(dt), 0, valid_BxT)
     return self.wo(out_BxTxHxV)
 
   def decode(self, x_BxTxD, pos_BxT, cache, start, valid_BxS):
@@ -114,10 +107,10 @@ class MLA(nn.Module):
     w_uv_CxHxV = w_ukv_CxHxF[..., c.qk_nope_head_dim:]
     q_lat_BxTxHxC = jnp.einsum("bthk,chk->bthc", q_nope, w_uk_CxHxK)
     c_kv_BxSxC = cache_c_kv.astype(dt)
-    scores = (jnp.einsum("bthc,bsc->bhts", q_lat_BxTxHxC, c_kv_BxSxC)
-              + jnp.einsum("bthr,bsr->bhts", q_pe, cache_k_pe.astype(dt)))
-    T = x_BxTxD.shape[1]
-    probs_BxHxTxS = self._softmax(scores, attention_mask(start + jnp.arange(T), valid_BxS))
-    out_lat_BxTxHxC = jnp.einsum("bhts,bsc->bthc", probs_BxHxTxS.astype(dt), c_kv_BxSxC)
+    # Multi-query attention: c_kv and k_pe are one key (and c_kv the value) for all heads.
+    c_kv_BxSx1xC = c_kv_BxSxC[:, :, None]
+    out_lat_BxTxHxC = self._attend((q_lat_BxTxHxC, q_pe.astype(dt)),
+                                   (c_kv_BxSx1xC, cache_k_pe[:, :, None].astype(dt)),
+                                   c_kv_BxSx1xC, start, valid_BxS)
     out_BxTxHxV = jnp.einsum("bthc,chv->bthv", out_lat_BxTxHxC, w_uv_CxHxV)
     return self.wo(out_BxTxHxV), (cache_c_kv, cache_k_pe)

@@ -8,6 +8,8 @@ Two entry points share parameters:
   `Transformer(cfg).apply({"params": p}, tokens)` -> logits  (training form)
   `Transformer(cfg).apply({"params": p}, tokens, positions, cache, start, valid,
                           method="decode")` -> (logits, cache)  (latent cache)
+The losses call the training form with `return_hidden=True` (final-normed
+hidden states, no logits) and run the head chunk by chunk (r1jax/model/head.py).
 
 Glossary: B batch, T tokens, S cache slots, D d_model, V vocab, L layers,
 E routed experts.
@@ -19,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from r1jax.model import head as head_lib
 from r1jax.model.config import ModelConfig
 from r1jax.model.kv_cache import LatentCache
 from r1jax.model.layers import MLP, Linear, RMSNorm, dtypes
@@ -73,8 +76,7 @@ class Block(nn.Module):
 def _stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
   body = Block
   if cfg.remat:
-    body = nn.remat(body, prevent_cse=False,
-                    policy=jax.checkpoint_policies.nothing_saveable)
+    body = nn.remat(body, prevent_cse=False, policy=_remat_policy())
   scanned = nn.scan(
       body,
       variable_axes={"params": 0},
@@ -84,6 +86,11 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
       metadata_params={nn.PARTITION_NAME: "layers"},
   )
   return scanned(cfg, moe, name=name)
+
+
+def _remat_policy():
+  """What the rematerialised stacks and MTP blocks keep for the backward: nothing."""
+  return jax.checkpoint_policies.nothing_saveable
 
 
 class MTP(nn.Module):
@@ -122,13 +129,18 @@ class Transformer(nn.Module):
     self.final_norm = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt)
     if not c.tie_embeddings:
       self.lm_head = Linear((c.d_model,), (c.vocab_size,), ("embed", "vocab"), dt, pdt)
-    self.mtp = [MTP(c) for _ in range(c.mtp_depth)]
+    # Under remat the MTP blocks are recomputed in the backward like the main stack's.
+    mtp = nn.remat(MTP, policy=_remat_policy()) if c.remat else MTP
+    self.mtp = [mtp(c) for _ in range(c.mtp_depth)]
 
   def head(self, h_BxTxD):
     """Output logits in float32 from final-normed hidden states."""
-    if self.cfg.tie_embeddings:
-      return self.embed.attend(h_BxTxD).astype(jnp.float32)
-    return self.lm_head(h_BxTxD).astype(jnp.float32)
+    c = self.cfg
+    if c.tie_embeddings:
+      w = head_lib.HeadWeights(self.embed.embedding, True, jnp.dtype(c.dtype))
+    else:
+      w = head_lib.HeadWeights(self.lm_head.kernel, False, jnp.dtype(c.dtype))
+    return head_lib.project(h_BxTxD, w)
 
   def _stacks(self, x, pos, valid, cache: LatentCache | None, start):
     aux = {}
@@ -144,12 +156,17 @@ class Transformer(nn.Module):
     return x, aux, new_cache
 
   def __call__(self, tokens_BxT, positions_BxT=None, valid_BxT=None, *,
-               return_aux: bool = False):
+               return_aux: bool = False, return_hidden: bool = False):
     """Training form. Returns logits [B,T,V] (float32), or (logits, aux) with
     aux = {"expert_load": [L_moe, E], "balance": [L_moe],
            "mtp_logits": [depth, B, T, V] where entry k-1 at position i predicts
            token i+k+1, and when the MTP block is MoE "mtp_expert_load"
-           [depth, E], "mtp_balance" [depth]}. `valid` marks real tokens."""
+           [depth, E], "mtp_balance" [depth]}. `valid` marks real tokens.
+
+    With `return_hidden` the head is not run: the final-normed hidden states
+    [B,T,D] stand in for the logits, and aux["mtp_hidden"] [depth, B, T, D]
+    (each depth's normed output) for aux["mtp_logits"]; apply the head with
+    r1jax.model.head."""
     c = self.cfg
     B, T = tokens_BxT.shape
     if positions_BxT is None:
@@ -159,7 +176,7 @@ class Transformer(nn.Module):
     x = shard_batch(self.embed(tokens_BxT))
     x, moe_aux, _ = self._stacks(x, positions_BxT, valid_BxT, None, None)
     h_BxTxD = self.final_norm(x)
-    logits_BxTxV = self.head(h_BxTxD)
+    out = h_BxTxD if return_hidden else self.head(h_BxTxD)  # [B,T,D] or [B,T,V]
     run_mtp = c.mtp_depth > 0 and (return_aux or self.is_initializing())
     mtp_logits, mtp_aux = [], []
     if run_mtp:
@@ -171,29 +188,34 @@ class Transformer(nn.Module):
         shifted = jnp.concatenate([tokens_BxT[:, k:], jnp.zeros((B, k), tokens_BxT.dtype)], 1)
         ok = valid_BxT & (jnp.arange(T) < T - k)[None]
         h, normed, aux_k = module(h, shard_batch(self.embed(shifted)), positions_BxT, ok)
-        mtp_logits.append(self.head(normed))
+        mtp_logits.append(normed if return_hidden else self.head(normed))
         if aux_k:
           mtp_aux.append(aux_k)
     if not return_aux:
-      return logits_BxTxV
+      return out
     aux = {}
     if moe_aux:
       aux["expert_load"] = moe_aux["load"]
       aux["balance"] = moe_aux["balance"]
     if mtp_logits:
-      aux["mtp_logits"] = jnp.stack(mtp_logits)
+      aux["mtp_hidden" if return_hidden else "mtp_logits"] = jnp.stack(mtp_logits)
     if mtp_aux:
       # The MTP blocks' MoE is balanced like the main stack's (bias rule and loss).
       aux["mtp_expert_load"] = jnp.stack([a["load"] for a in mtp_aux])
       aux["mtp_balance"] = jnp.stack([a["balance"] for a in mtp_aux])
-    return logits_BxTxV, aux
+    return out, aux
 
-  def decode(self, tokens_BxT, positions_BxT, cache: LatentCache, start, valid_BxS):
+  def decode(self, tokens_BxT, positions_BxT, cache: LatentCache, start, valid_BxS, *,
+             last_only: bool = False):
     """Latent-cache form: runs T new tokens written at cache slots [start, start+T).
 
     `valid_BxS` marks every filled slot including the new ones. Returns
-    (logits [B,T,V] float32, updated cache). Prefill is this call with start=0.
+    (logits [B,T,V] float32, updated cache); with `last_only` the logits of the
+    last token only, [B,1,V] (what a sampler's prefill needs). Prefill is this
+    call with start=0.
     """
     x = shard_batch(self.embed(tokens_BxT))
     x, _, layers = self._stacks(x, positions_BxT, valid_BxS, cache, start)
+    if last_only:
+      x = x[:, -1:]
     return self.head(self.final_norm(x)), LatentCache(layers)

@@ -15,7 +15,8 @@ units over `tensor`, partial outputs summed with one psum), and:
      experts on one peer travels there once, with up to J = min(K, L) local
      expert ids and combine weights);
   2. lays the (token, peer) pairs out by destination and exchanges them;
-  3. runs its local experts on what arrived with the grouped matmul;
+  3. runs its local experts on what arrived, by the path `moe.moe_impl` picks
+     for that many rows (ids L mark unused choices);
   4. sends the weighted results back, where each token sums its peers' parts.
 
 Two exchanges, `exchange=`:
@@ -27,7 +28,8 @@ Two exchanges, `exchange=`:
   "ragged_all_to_all"  `jax.lax.ragged_all_to_all` (GPU/TPU; XLA:CPU rejects
       it): sends exactly the n·min(K, X)-bounded rows it has, and receives into
       R rows, dropless at R = X·n (all peers send all their tokens here).
-  "auto" picks ragged_all_to_all on GPU/TPU and all_to_all elsewhere.
+  "auto" picks ragged_all_to_all on GPU/TPU and all_to_all elsewhere
+      (`moe.exchange_impl`, next to the rule for the expert path).
 
 `capacity_factor` > 0 sizes the buffers for the balanced case instead:
 C = cf·n·min(K,X)/X per peer, R = cf·n·min(K,X) received rows. If any device
@@ -62,7 +64,9 @@ EXCHANGES = ("auto", "all_to_all", "ragged_all_to_all")
 # Bound here so tests can swap in an all_to_all emulation on CPU.
 _ragged_all_to_all = jax.lax.ragged_all_to_all
 
-SwiGLU = Callable[[tuple, jnp.ndarray, jnp.ndarray], jnp.ndarray]
+# routed(w, x [R, D], ids [R, J], gate [R, J], n_experts) -> Σ_j gate_j·expert_{ids_j}(x);
+# ids ≥ n_experts add nothing (moe.routed_experts with the config bound).
+Routed = Callable[[tuple, jnp.ndarray, jnp.ndarray, jnp.ndarray, int], jnp.ndarray]
 
 
 def ambient_mesh() -> AbstractMesh | None:
@@ -80,9 +84,8 @@ def expert_axis_size(mesh) -> int:
 def resolve_exchange(exchange: str) -> str:
   if exchange not in EXCHANGES:
     raise ValueError(f"ep_exchange must be one of {EXCHANGES}, got {exchange!r}")
-  if exchange != "auto":
-    return exchange
-  return "ragged_all_to_all" if jax.default_backend() in ("gpu", "tpu") else "all_to_all"
+  from r1jax.model.moe import exchange_impl  # the one "auto" rule (moe imports this module)
+  return exchange_impl(exchange)
 
 
 # ----------------------------------------------------------------------------
@@ -154,20 +157,7 @@ def capacities(n: int, k: int, n_peers: int, capacity_factor: float):
 # ----------------------------------------------------------------------------
 # The per-device program.
 
-def _local_experts(swiglu: SwiGLU, w: tuple, rows_RxD, ids_RxJ, gate_RxJ, n_local: int):
-  """Σ_j gate_j · expert_{ids_j}(row) over this device's experts (id L: nothing)."""
-  R, J = ids_RxJ.shape
-  a_A = ids_RxJ.reshape(-1)
-  order_A = jnp.argsort(a_A, stable=True)
-  sizes_L = jnp.zeros((n_local,), jnp.int32).at[a_A].add(1, mode="drop")
-  y_sorted_AxD = swiglu(w, rows_RxD[order_A // J], sizes_L)
-  y_AxD = jnp.zeros_like(y_sorted_AxD).at[order_A].set(y_sorted_AxD)
-  # ragged_dot leaves rows past Σ sizes unspecified; keep them out of the sum.
-  y_AxD = jnp.where((a_A < n_local)[:, None], y_AxD, 0)
-  return jnp.einsum("rjd,rj->rd", y_AxD.reshape(R, J, -1), gate_RxJ.astype(y_AxD.dtype))
-
-
-def _exchange(kind: str, x_nxD, idx_nxK, gate_nxK, need_nxX, sizes_XxX, w, swiglu, *,
+def _exchange(kind: str, x_nxD, idx_nxK, gate_nxK, need_nxX, sizes_XxX, w, routed, *,
               n_local: int, cap: int, n_send: int):
   """One round trip; returns this device's tokens' routed output [n, D] (partial over tensor)."""
   n, D = x_nxD.shape
@@ -203,13 +193,12 @@ def _exchange(kind: str, x_nxD, idx_nxK, gate_nxK, need_nxX, sizes_XxX, w, swigl
       out = jnp.zeros((n_rows,) + a.shape[1:], a.dtype)
       return _ragged_all_to_all(a, out, *bwd, axis_name=EXPERT)
 
-  y_RxD = _local_experts(swiglu, w, there(x_BxD), there(ids_BxJ, n_local), there(g_BxJ),
-                         n_local)
+  y_RxD = routed(w, there(x_BxD), there(ids_BxJ, n_local), there(g_BxJ), n_local)
   y_BxD = back(y_RxD)
   return jnp.zeros((n, D), y_BxD.dtype).at[tok_B].add(y_BxD, mode="drop")
 
 
-def _ep_local(x_nxD, idx_nxK, gate_nxK, wi_gate, wi_up, wo, *, swiglu: SwiGLU, kind: str,
+def _ep_local(x_nxD, idx_nxK, gate_nxK, wi_gate, wi_up, wo, *, routed: Routed, kind: str,
               n_peers: int, capacity_factor: float, batch_axes: tuple[str, ...],
               tensor: bool):
   n, K = idx_nxK.shape
@@ -222,7 +211,7 @@ def _ep_local(x_nxD, idx_nxK, gate_nxK, wi_gate, wi_up, wo, *, swiglu: SwiGLU, k
   c, r, s, c_max, r_max = capacities(n, K, n_peers, capacity_factor)
   cap, cap_max = (c, c_max) if kind == "all_to_all" else (r, r_max)
   run = functools.partial(_exchange, kind, x_nxD, idx_nxK, gate_nxK, need_nxX, sizes_XxX, w,
-                          swiglu, n_local=L, n_send=s)
+                          routed, n_local=L, n_send=s)
   if cap >= cap_max:
     y_nxD = run(cap=cap_max)
   else:
@@ -238,13 +227,13 @@ def _ep_local(x_nxD, idx_nxK, gate_nxK, wi_gate, wi_up, wo, *, swiglu: SwiGLU, k
   return jax.lax.psum(y_nxD, TENSOR) if tensor else y_nxD
 
 
-def ep_dispatch(swiglu: SwiGLU, w: tuple, x_NxD, idx_NxK, gate_NxK, mesh, *,
+def ep_dispatch(routed: Routed, w: tuple, x_NxD, idx_NxK, gate_NxK, mesh, *,
                 exchange: str = "auto", capacity_factor: float = 0.0) -> jnp.ndarray:
   """Σ_k gate_k · expert_{idx_k}(x) with the routed experts sharded over `expert`.
 
-  w = (wi_gate [E,D,F], wi_up [E,D,F], wo [E,F,D]); `swiglu(w_local, x_sorted,
-  group_sizes)` is the grouped matmul. Equals `moe.dropless_dispatch` up to
-  float summation order; drops nothing.
+  w = (wi_gate [E,D,F], wi_up [E,D,F], wo [E,F,D]); `routed` runs the local
+  experts (see Routed). Equals the single-device layer up to float summation
+  order; drops nothing.
   """
   X = expert_axis_size(mesh)
   E, _, F = w[0].shape
@@ -262,7 +251,7 @@ def ep_dispatch(swiglu: SwiGLU, w: tuple, x_NxD, idx_NxK, gate_NxK, mesh, *,
     raise ValueError(f"moe_d_ff={F} must be a multiple of the tensor mesh axis ({tp}).")
   tensor = TENSOR if TENSOR in mesh.axis_names else None
   tok = P(batch, None)
-  fn = functools.partial(_ep_local, swiglu=swiglu, kind=resolve_exchange(exchange), n_peers=X,
+  fn = functools.partial(_ep_local, routed=routed, kind=resolve_exchange(exchange), n_peers=X,
                          capacity_factor=capacity_factor, batch_axes=batch,
                          tensor=tensor is not None)
   return jax.shard_map(

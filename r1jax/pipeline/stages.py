@@ -60,7 +60,8 @@ def _supervised(ctx: Context, sc, stage_dir: str, cfg: ModelConfig, params, rows
   params, summary = trainer.train_supervised(
       ctx, stage_dir, cfg=cfg, params=params, rows=rows, eval_rows=eval_rows,
       ocfg=configs.optim_config(sc), steps=sc.steps, batch_size=sc.batch_size, seed=seed,
-      log_every=sc.log_every, checkpoint_every=sc.checkpoint_every)
+      log_every=sc.log_every, checkpoint_every=sc.checkpoint_every,
+      micro_batches=sc.micro_batches)
   ctx.log(f"  held-out loss {summary['eval_loss_before']:.3f} -> "
           f"{summary['eval_loss_after']:.3f}")
   out = {**ctx.save_params(stage_dir, cfg, params), **summary}

@@ -133,13 +133,15 @@ def left_pad(prompts_BxP: jax.Array, lengths_B: jax.Array, pad_id: int) -> jax.A
 
 def generate(decode_fn: DecodeFn, state: Any, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
              rng: jax.Array, *, max_new_tokens: int, settings: SamplingConfig,
-             eos_id: int | None, pad_id: int) -> Rollout:
+             eos_id: int | None, pad_id: int, row_offset: jax.Array | int = 0) -> Rollout:
   """Prefill + early-stopping decode loop. Pure and traceable.
 
   `prompts_BxP` are left-padded with 1 ≤ prompt_lengths ≤ P. `state` is the
   decode function's initial state (for the model: an empty LatentCache with
-  ≥ P + max_new_tokens slots). Row b's randomness is `split(rng, B)[b]` folded
-  with the step, so it does not depend on the other rows.
+  ≥ P + max_new_tokens slots). Row b's randomness is `fold_in(rng, row_offset + b)`
+  folded with the step: it depends on neither the other rows nor B, so a batch
+  sampled in slices (each with its first row's global index as `row_offset`)
+  draws the same tokens as the whole batch at once.
   """
   B, Pn = prompts_BxP.shape
   N = max_new_tokens
@@ -147,16 +149,18 @@ def generate(decode_fn: DecodeFn, state: Any, prompts_BxP: jax.Array, prompt_len
   pad_B = (Pn - prompt_lengths_B).astype(jnp.int32)
   slots_S = jnp.arange(S, dtype=jnp.int32)
   prompt_valid_BxS = (slots_S[None] >= pad_B[:, None]) & (slots_S[None] < Pn)
-  row_keys_B = jax.random.split(rng, B)
+  rows_B = jnp.asarray(row_offset, jnp.int32) + jnp.arange(B, dtype=jnp.int32)
+  row_keys_B = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(rng, rows_B)
 
   def step_keys(j):
     return jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys_B, j)
 
   # Prefill: every prompt slot in one pass; pad slots get position 0 and are masked.
   pos_BxP = jnp.maximum(slots_S[None, :Pn] - pad_B[:, None], 0)
-  logits_BxPxV, state = decode_fn(state, prompts_BxP.astype(jnp.int32), pos_BxP, 0,
+  # Only the last slot's logits are read: a DecodeFn may return just those ([B,1,V]).
+  logits_BxTxV, state = decode_fn(state, prompts_BxP.astype(jnp.int32), pos_BxP, 0,
                                   prompt_valid_BxS)
-  tok_B, lp_B, mlp_B = select_tokens(logits_BxPxV[:, -1], step_keys(0), settings)
+  tok_B, lp_B, mlp_B = select_tokens(logits_BxTxV[:, -1], step_keys(0), settings)
 
   tokens_BxN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(tok_B)
   logp_BxN = jnp.zeros((B, N), jnp.float32).at[:, 0].set(lp_B)
@@ -203,12 +207,15 @@ def generate(decode_fn: DecodeFn, state: Any, prompts_BxP: jax.Array, prompt_len
 # The Transformer behind the core.
 
 def model_decode_fn(cfg: ModelConfig, params) -> DecodeFn:
-  """The Transformer's latent-cache decode as a DecodeFn (state = LatentCache)."""
+  """The Transformer's latent-cache decode as a DecodeFn (state = LatentCache).
+
+  It returns the last token's logits only ([B,1,V]): the prefill needs no more,
+  and the head over every prompt slot would be [B,P,V] float32 for nothing."""
   model = Transformer(cfg)
 
   def decode(cache, tokens_BxT, positions_BxT, start, valid_BxS):
     return model.apply({"params": params}, tokens_BxT, positions_BxT, cache, start, valid_BxS,
-                       method="decode")
+                       method="decode", last_only=True)
 
   return decode
 
@@ -224,13 +231,14 @@ def init_cache(cfg: ModelConfig, batch: int, slots: int, mesh: Mesh | None = Non
 
 def rollout(cfg: ModelConfig, params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
             rng: jax.Array, *, max_new_tokens: int, settings: SamplingConfig,
-            eos_id: int | None, pad_id: int, mesh: Mesh | None = None) -> Rollout:
+            eos_id: int | None, pad_id: int, mesh: Mesh | None = None,
+            row_offset: jax.Array | int = 0) -> Rollout:
   """`generate` over the Transformer with a fresh latent cache. Pure; jit it or call it in a jit."""
   B, Pn = prompts_BxP.shape
   cache = init_cache(cfg, B, Pn + max_new_tokens, mesh)
   return generate(model_decode_fn(cfg, params), cache, prompts_BxP, prompt_lengths_B, rng,
                   max_new_tokens=max_new_tokens, settings=settings, eos_id=eos_id,
-                  pad_id=pad_id)
+                  pad_id=pad_id, row_offset=row_offset)
 
 
 # One executable per (cfg, settings, N, eos, pad, mesh) and input shape: jit's own cache.
@@ -264,12 +272,14 @@ def _check_inputs(cfg: ModelConfig, prompts, lengths, max_new_tokens: int, mesh:
 def sample(cfg: ModelConfig, params, prompts: jax.Array, prompt_lengths: jax.Array, *,
            max_new_tokens: int, rng: jax.Array, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, eos_id: int | None, pad_id: int, padding: str = "left",
-           mesh: Mesh | None = None) -> Rollout:
+           mesh: Mesh | None = None, row_offset: int = 0) -> Rollout:
   """Samples completions for int32 prompts [B, P] (`padding` says which side is padded).
 
   With `mesh`, prompts are split over the data-parallel axes; place `params`
   with the training sharding beforehand (`logical_sharding(mesh, logical_axes(cfg))`).
   `eos_id=None` never stops early. Compiled once per static configuration.
+  `row_offset`: the global index of row 0, when these prompts are one slice of
+  a bigger batch (row r samples with `fold_in(rng, row_offset + r)`).
   """
   prompts = jnp.asarray(prompts, jnp.int32)
   prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
@@ -283,4 +293,5 @@ def sample(cfg: ModelConfig, params, prompts: jax.Array, prompt_lengths: jax.Arr
     prompt_lengths = jax.device_put(prompt_lengths, batch_sharding(mesh, 1))
   settings = SamplingConfig(float(temperature), float(top_p), int(top_k))
   return _rollout_jit(cfg, params, prompts, prompt_lengths, rng, max_new_tokens=max_new_tokens,
-                      settings=settings, eos_id=eos_id, pad_id=pad_id, mesh=mesh)
+                      settings=settings, eos_id=eos_id, pad_id=pad_id, mesh=mesh,
+                      row_offset=np.int32(row_offset))

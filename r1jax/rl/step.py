@@ -22,8 +22,8 @@ included (`Rollout.logprobs`), so the TIS weight also corrects for truncation.
 A sequence is [prompt (left-padded to P slots); completion (N slots)]; a slot's
 RoPE position is slot − pad count, as in the sampler.
 
-Glossary: Q prompts per step, G group size, B = Q·G completions, b minibatch
-rows, P prompt slots, N new tokens, L = P + N, V vocab.
+Glossary: Q prompts per step, G group size, B = Q·G completions, S rollout
+slice rows, b minibatch rows, P prompt slots, N new tokens, L = P + N, V vocab.
 """
 
 from __future__ import annotations
@@ -56,12 +56,24 @@ RewardFn = Callable[[Sequence[str], Sequence[Mapping[str, Any]]],
 class GRPOConfig:
   """GRPO's settings; defaults are DeepSeek-R1-Zero's (R1 Nature version, Methods).
 
-  A "step" here is one iteration: one rollout of prompts_per_step × group_size
-  completions, then num_iterations passes of n_minibatches updates. The paper
-  counts updates: its rollout of 8,192 outputs (512 questions × 16) is split
-  into 16 minibatches of 32 questions, one pass, and "32 questions per step"
-  means per update. `ref_reset_every` and the optimizer's schedule count
-  updates too, so the paper's numbers carry over.
+  Units. A rollout (a GRPOStep call; the stage's `steps`, `RLState.step`)
+  samples batch_size = prompts_per_step × group_size completions and trains on
+  them with updates_per_step = n_minibatches × num_iterations updates. An
+  update (`optim.total_steps` and `warmup_steps`, `ref_reset_every`) is one
+  optimizer step on batch_size / n_minibatches completions, its gradient summed
+  over `micro_batches` chunks. So optim.total_steps = steps × updates_per_step
+  (`r1jax.configs.check_stage` checks it). R1-Zero: rollouts of 512 questions
+  × 16, 16 minibatches of 32 questions, one pass; the paper's "10,400 steps"
+  are updates (650 rollouts), its "32 questions per step" per update.
+
+  rollout_slice: completions per decode call (0 = the whole rollout at once).
+  The latent cache is sized per slice, so it bounds rollout memory; the tokens
+  do not depend on it (a row's key is its global index; only float rounding of
+  the logits changes with the batch shape, ~1e-6 in f32). It must divide the
+  rollout's batch_size (one compiled shape) and, on a mesh, be a multiple of
+  the data-parallel devices (each slice is a global batch split over them, as
+  the whole rollout is). A slice may cut a group: rewards and advantages are
+  computed once all slices are in.
   """
   # Sampling. R1-Zero: G = 16, temperature 1, max length 32,768.
   group_size: int = 16
@@ -71,9 +83,12 @@ class GRPOConfig:
   temperature: float = 1.0
   top_p: float = 1.0
   top_k: int = 0
-  # Updates. R1-Zero: one pass (μ = 1) over 16 minibatches.
+  rollout_slice: int = 0  # completions per decode call; 0 = all (see above)
+  # Updates. R1-Zero: one pass (μ = 1) over 16 minibatches; each update may sum
+  # the gradients of micro_batches chunks of its minibatch (memory, not maths).
   num_iterations: int = 1
   n_minibatches: int = 16
+  micro_batches: int = 1
   # The loss (r1jax/rl/grpo.py). R1-Zero: β = 0.001 with k3; DAPO: ε 0.2/0.28,
   # β = 0, "token-mean"; Dr. GRPO: "seq-mean-token-sum-norm", scale "none".
   # R1's first RL stage used ε = 10. β = 0 keeps no reference model (and logs no KL).
@@ -91,7 +106,8 @@ class GRPOConfig:
   max_retries: int = 4
   # DAPO overlong filtering: completions cut at max_new_tokens get no loss.
   mask_truncated: bool = False
-  # R1: the reference is reset to the policy every 400 updates; 0 = never.
+  # R1: the reference is reset to the policy every 400 updates; 0 = never. Counted
+  # in updates, and a multiple of updates_per_step: resets happen between rollouts.
   ref_reset_every: int = 400
   # Truncated importance sampling cap (Yao et al. suggest 2); 0 = off.
   tis_cap: float = 0.0
@@ -105,12 +121,24 @@ class GRPOConfig:
       problems.append(f"group_size={self.group_size} must be >= 2 (advantages compare "
                       "completions of one prompt)")
     for name in ("prompts_per_step", "max_prompt_len", "max_new_tokens", "num_iterations",
-                 "n_minibatches"):
+                 "n_minibatches", "micro_batches"):
       if getattr(self, name) < 1:
         problems.append(f"{name} must be >= 1")
-    if (self.prompts_per_step * self.group_size) % max(self.n_minibatches, 1):
+    B = self.prompts_per_step * self.group_size
+    if B % max(self.n_minibatches, 1):
       problems.append(f"n_minibatches={self.n_minibatches} must divide the "
-                      f"{self.prompts_per_step * self.group_size} completions per step")
+                      f"{B} completions per step")
+    elif (B // max(self.n_minibatches, 1)) % max(self.micro_batches, 1):
+      problems.append(f"micro_batches={self.micro_batches} must divide the minibatch of "
+                      f"{B // max(self.n_minibatches, 1)} completions")
+    if self.rollout_slice < 0 or (self.rollout_slice and B % self.rollout_slice):
+      problems.append(f"rollout_slice={self.rollout_slice} must divide the {B} completions "
+                      "per rollout (prompts_per_step × group_size), or be 0 for all at once")
+    updates = max(self.num_iterations, 1) * max(self.n_minibatches, 1)
+    if self.ref_reset_every > 0 and self.ref_reset_every % updates:
+      problems.append(f"ref_reset_every={self.ref_reset_every} counts updates and must be a "
+                      f"multiple of the {updates} updates per rollout (n_minibatches × "
+                      "num_iterations): the reference can only be reset between rollouts")
     if self.temperature <= 0:
       problems.append(f"temperature={self.temperature} must be > 0: greedy sampling makes "
                       "a group's completions identical, so every advantage is 0")
@@ -133,7 +161,13 @@ class GRPOConfig:
 
   @property
   def updates_per_step(self) -> int:
+    """Optimizer updates per rollout: the unit of optim.total_steps and ref_reset_every."""
     return self.num_iterations * self.n_minibatches
+
+  @property
+  def slice_size(self) -> int:
+    """Completions per decode call."""
+    return self.rollout_slice or self.batch_size
 
   def loss_options(self) -> tuple[tuple[str, Any], ...]:
     """make_loss_fn's keyword arguments, hashable (the jitted programs' cache key)."""
@@ -197,6 +231,13 @@ class GRPOStep:
         raise ValueError(f"the minibatch of {gcfg.minibatch_size} completions is not divisible "
                          f"by the {n_dp} data-parallel devices of mesh {dict(mesh.shape)}; "
                          "change prompts_per_step, group_size or n_minibatches")
+      if (gcfg.minibatch_size // gcfg.micro_batches) % n_dp:
+        raise ValueError(f"micro_batches={gcfg.micro_batches} leaves "
+                         f"{gcfg.minibatch_size // gcfg.micro_batches} completions per "
+                         f"micro-batch, not divisible by the {n_dp} data-parallel devices")
+      if gcfg.slice_size % n_dp:
+        raise ValueError(f"rollout_slice={gcfg.rollout_slice} is not a multiple of the {n_dp} "
+                         f"data-parallel devices of mesh {dict(mesh.shape)}")
     self.cfg, self.gcfg, self.ocfg = cfg, gcfg, ocfg
     self.reward_fn, self.decode, self.encode = reward_fn, decode, encode
     self.eos_id, self.pad_id, self.mesh = eos_id, pad_id, mesh
@@ -234,7 +275,8 @@ class GRPOStep:
 
   def _train_step(self, state: RLState, batch: dict, rng: jax.Array):
     leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, state))
-    step = _train_step(self.cfg, self.gcfg.loss_options(), self.ocfg, treedef, tuple(leaves))
+    step = _train_step(self.cfg, self.gcfg.loss_options(), self.ocfg, treedef, tuple(leaves),
+                       micro_batches=self.gcfg.micro_batches)
     return step(state, batch, rng)
 
   def _put(self, batch: dict) -> dict:
@@ -276,17 +318,26 @@ class GRPOStep:
       prompts_QxP[q, Pn - len(ids):] = ids
       lengths_Q[q] = len(ids)
     prompts_BxP, lengths_B = np.repeat(prompts_QxP, G, 0), np.repeat(lengths_Q, G)
+    B, S = len(lengths_B), g.slice_size
+    # The rollout in slices of S rows, each a global batch over the mesh with its
+    # own latent cache; row i samples with fold_in(rng, i) whatever S is.
     t0 = time.perf_counter()
-    ro = sample(self.cfg, params, prompts_BxP, lengths_B, max_new_tokens=g.max_new_tokens,
-                rng=rng, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                eos_id=self.eos_id, pad_id=self.pad_id, mesh=self.mesh)
-    out = multihost.allgather(dict(tokens=ro.tokens, mask=ro.mask, finished=ro.finished,
-                                   lengths=ro.lengths, sampler_logp=ro.logprobs))
+    parts, rows = [], []
+    for s in range(0, B, S):
+      ro = sample(self.cfg, params, prompts_BxP[s:s + S], lengths_B[s:s + S],
+                  max_new_tokens=g.max_new_tokens, rng=rng, temperature=g.temperature,
+                  top_p=g.top_p, top_k=g.top_k, eos_id=self.eos_id, pad_id=self.pad_id,
+                  mesh=self.mesh, row_offset=s)
+      parts.append(multihost.allgather(dict(tokens=ro.tokens, mask=ro.mask,
+                                            finished=ro.finished, lengths=ro.lengths,
+                                            sampler_logp=ro.logprobs)))
+      rows.append(s + multihost.my_rows(ro.lengths))
+      del ro
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    rows = np.concatenate(rows)
     t1 = time.perf_counter()
     # Each process detokenises and scores only the rows it owns; the rewards are
     # then gathered, since a group's advantages need all of its rewards.
-    B = len(lengths_B)
-    rows = multihost.my_rows(ro.lengths)
     # A row's completion is its tokens without the EOS. Each row gets its own
     # copy of its prompt's example with that token count, for the length rewards.
     n_tokens = [int(out["lengths"][i]) - int(out["finished"][i]) for i in rows]

@@ -22,8 +22,8 @@ import numpy as np
 import optax
 
 from r1jax.model import ModelConfig, Transformer
+from r1jax.model import head as head_lib
 from r1jax.rl import grpo
-from r1jax.rl.rollout import _truncate
 from r1jax.train import optim, sft
 
 @flax.struct.dataclass
@@ -76,7 +76,10 @@ def completion_logits(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions
                       valid_BxL: jax.Array, *, completion_len: int, temperature: float = 1.0
                       ) -> tuple[jax.Array, dict]:
   """(float32 logits / temperature predicting the last `completion_len` tokens [B, N, V],
-  the model's aux outputs). Logits at slot P−1+j predict completion token j."""
+  the model's aux outputs). Logits at slot P−1+j predict completion token j.
+
+  The full-logits reference; training and log-probs use `completion_hidden`
+  and the chunked head instead."""
   L = tokens_BxL.shape[1]
   N = completion_len
   # RL trains no MTP head: build the model without it (its params are ignored).
@@ -84,6 +87,19 @@ def completion_logits(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions
   logits_BxLxV, aux = model.apply({"params": params}, tokens_BxL, positions_BxL, valid_BxL,
                                   return_aux=True)
   return logits_BxLxV[:, L - N - 1:L - 1].astype(jnp.float32) / temperature, aux
+
+
+def completion_hidden(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions_BxL: jax.Array,
+                      valid_BxL: jax.Array, *, completion_len: int) -> tuple[jax.Array, dict]:
+  """(final-normed hidden states at the slots predicting the last `completion_len`
+  tokens [B, N, D], the model's aux outputs): `completion_logits` before the head."""
+  L = tokens_BxL.shape[1]
+  N = completion_len
+  # RL trains no MTP head: build the model without it (its params are ignored).
+  model = Transformer(cfg.replace(mtp_depth=0))
+  h_BxLxD, aux = model.apply({"params": params}, tokens_BxL, positions_BxL, valid_BxL,
+                             return_aux=True, return_hidden=True)
+  return h_BxLxD[:, L - N - 1:L - 1], aux
 
 
 def token_logprobs(logits_BxNxV: jax.Array, tokens_BxN: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -97,19 +113,22 @@ def token_logprobs(logits_BxNxV: jax.Array, tokens_BxN: jax.Array) -> tuple[jax.
 
 
 def sequence_logprobs(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions_BxL: jax.Array,
-                      valid_BxL: jax.Array, *, completion_len: int, temperature: float = 1.0
-                      ) -> tuple[jax.Array, jax.Array, dict]:
+                      valid_BxL: jax.Array, *, completion_len: int, temperature: float = 1.0,
+                      entropy: bool = True) -> tuple[jax.Array, jax.Array | None, dict]:
   """Teacher-forced log-probs of the last `completion_len` tokens under softmax(logits / T).
 
   T is the sampling temperature: π_old, π_θ and π_ref are then the distribution
   the completions were drawn from (before top-k/top-p, as in TRL and verl), not
   the raw model's. Returns (logp [B, N], entropy of that policy at each of
-  those steps [B, N], the model's aux outputs).
+  those steps [B, N] or None without `entropy`, the model's aux outputs). The
+  head runs cfg.logits_chunk positions at a time (no [B, N, V] logits).
   """
   N = completion_len
-  logits_BxNxV, aux = completion_logits(cfg, params, tokens_BxL, positions_BxL, valid_BxL,
-                                        completion_len=N, temperature=temperature)
-  logp_BxN, entropy_BxN = token_logprobs(logits_BxNxV, tokens_BxL[:, -N:])
+  h_BxNxD, aux = completion_hidden(cfg, params, tokens_BxL, positions_BxL, valid_BxL,
+                                   completion_len=N)
+  logp_BxN, entropy_BxN = head_lib.target_logprobs(
+      h_BxNxD, head_lib.head_weights(cfg, params), tokens_BxL[:, -N:], chunk=cfg.logits_chunk,
+      temperature=temperature, entropy=entropy)
   return logp_BxN, entropy_BxN, aux
 
 
@@ -143,12 +162,67 @@ def make_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, **loss_options) 
   return loss_fn
 
 
+# Metrics that are means over the minibatch's unmasked tokens (grpo_loss's).
+TOKEN_MEAN_METRICS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy",
+                      "tis_weight_mean")
+
+
+def grpo_micro_weights(micro_M: dict, aggregation: str) -> dict:
+  """Each micro-batch's share of the whole minibatch's normaliser: "tok" for token
+  means, "agg" for the policy loss under `aggregation` (grpo.aggregate)."""
+  grpo._check_name("aggregation", aggregation, grpo.AGGREGATIONS)
+  mask_MxbxN = micro_M["mask"].astype(bool)
+  tok_M = sft.share(jnp.sum(mask_MxbxN, axis=(1, 2)))
+  M = mask_MxbxN.shape[0]
+  if aggregation == "token-mean":
+    agg_M = tok_M
+  elif aggregation == "seq-mean-token-sum-norm":  # constant normaliser b · max_len
+    agg_M = jnp.full((M,), 1.0 / M, jnp.float32)
+  else:  # the count of sequences with at least one token
+    agg_M = sft.share(jnp.sum(jnp.any(mask_MxbxN, axis=2), axis=1))
+  return {"tok": tok_M, "agg": agg_M, "has_tokens": jnp.any(mask_MxbxN, axis=(1, 2))}
+
+
 def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
-                    loss_fn: Callable) -> Callable:
-  """train_step(state, batch, rng) -> (state, metrics); jit it with donated state."""
+                    loss_fn: Callable, micro_batches: int = 1,
+                    aggregation: str = "seq-mean-token-mean") -> Callable:
+  """train_step(state, batch, rng) -> (state, metrics); jit it with donated state.
+
+  micro_batches > 1 sums float32 gradients over that many row chunks
+  (sft.split_micro_batches) before one update, equal to the one-shot step: the
+  policy loss (loss_fn's metrics["loss"]) is weighted by each chunk's share of
+  the `aggregation`'s normaliser, the rest of the loss (the balance loss, a row
+  mean) by 1/M; token-mean metrics by the token share; expert loads are summed."""
+  if micro_batches < 1:
+    raise ValueError(f"micro_batches={micro_batches} must be at least 1")
+  M = micro_batches
+
+  def objective(params, micro: dict, w: dict, rng: jax.Array):
+    loss, metrics = loss_fn(params, micro, rng)
+    policy = w["agg"] * metrics["loss"]
+    obj = loss / M + policy - metrics["loss"] / M
+    metrics["loss"] = policy
+    for k in TOKEN_MEAN_METRICS:
+      if k in metrics:
+        metrics[k] = w["tok"] * metrics[k]
+    for k, empty in (("ratio_min", jnp.inf), ("ratio_max", -jnp.inf)):
+      if k in metrics:  # a chunk without tokens says nothing about the ratio
+        metrics[k] = jnp.where(w["has_tokens"], metrics[k], empty)
+    return obj, metrics
 
   def train_step(state: RLState, batch: dict, rng: jax.Array):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, rng)
+    if M == 1:
+      (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch,
+                                                                          rng)
+    else:
+      micro_M = sft.split_micro_batches(batch, M)
+      loss, grads, metrics_M = sft.accumulate_gradients(
+          objective, state.params, micro_M, grpo_micro_weights(micro_M, aggregation), rng)
+      rules = dict.fromkeys(("loss", "tokens", "expert_load") + TOKEN_MEAN_METRICS, "sum")
+      metrics = sft.combine_metrics(metrics_M, {**rules, "ratio_min": "min", "ratio_max": "max"})
+      for k in ("ratio_min", "ratio_max"):
+        if k in metrics:
+          metrics[k] = jnp.where(jnp.isfinite(metrics[k]), metrics[k], 1.0)
     # A non-finite loss or gradient refuses the update (metrics["skipped_nonfinite"]).
     params, opt_state, metrics = sft.apply_gradients(cfg, optimizer, state.params,
                                                      state.opt_state, grads, loss, metrics)
@@ -171,17 +245,17 @@ def make_logprob_fn(cfg: ModelConfig, temperature: float = 1.0, top_p: float = 1
     N = batch["mask"].shape[1]
     args = (batch["tokens"], batch["positions"], batch["valid"])
     tokens_bxN = batch["tokens"][:, -N:]
-    logits_bxNxV = completion_logits(cfg, params, *args, completion_len=N,
-                                     temperature=temperature)[0]
-    old = token_logprobs(logits_bxNxV, tokens_bxN)[0]
+    h_bxNxD = completion_hidden(cfg, params, *args, completion_len=N)[0]
+    head = head_lib.head_weights(cfg, params)
+    logprobs = functools.partial(head_lib.target_logprobs, h_bxNxD, head, tokens_bxN,
+                                 chunk=cfg.logits_chunk, temperature=temperature, entropy=False)
+    old = logprobs()[0]
     sampled = old
     if top_k or top_p < 1.0:
-      b, _, V = logits_bxNxV.shape
-      # The sampler's own cut, so both sides truncate by one rule.
-      cut_bxNxV = _truncate(logits_bxNxV.reshape(b * N, V), top_k, top_p)
-      sampled = token_logprobs(cut_bxNxV.reshape(b, N, V), tokens_bxN)[0]
+      # The sampler's own cut (rollout._truncate), so both sides truncate by one rule.
+      sampled = logprobs(top_k=top_k, top_p=top_p)[0]
     ref = None if ref_params is None else sequence_logprobs(
-        cfg, ref_params, *args, completion_len=N, temperature=temperature)[0]
+        cfg, ref_params, *args, completion_len=N, temperature=temperature, entropy=False)[0]
     return old, ref, sampled
 
   return logprob_fn
@@ -203,10 +277,13 @@ def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig, temperature: float = 1.
 
 @functools.lru_cache(maxsize=8)
 def _train_step(cfg: ModelConfig, loss_options: tuple, ocfg: optim.OptimConfig,
-                state_treedef, state_shardings: tuple):
+                state_treedef, state_shardings: tuple, micro_batches: int = 1):
   """The jitted update, its state pinned to the shardings it came in with (left to
-  itself, XLA may hand back replicated parameters)."""
+  itself, XLA may hand back replicated parameters); gradients accumulated over
+  `micro_batches` chunks of the minibatch."""
   optimizer = _programs(cfg, ocfg)[0]
-  step = make_train_step(cfg, optimizer, make_loss_fn(cfg, **dict(loss_options)))
+  options = dict(loss_options)
+  step = make_train_step(cfg, optimizer, make_loss_fn(cfg, **options), micro_batches,
+                         aggregation=options.get("aggregation", "seq-mean-token-mean"))
   out = (jax.tree.unflatten(state_treedef, state_shardings), None)  # None: metrics unpinned
   return jax.jit(step, donate_argnums=0, out_shardings=out)

@@ -42,12 +42,17 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
 
+  def due(self, step: int) -> bool:
+    """Whether `save(step, ...)` will write (orbax's interval, first-save and
+    preemption rules)."""
+    return self._mngr.should_save(step)
+
   def save(self, step: int, state, data_state: dict, *, force: bool = False) -> bool:
     """Saves when the interval (or `force`) says so; returns whether it did.
 
     Raises NonFiniteError rather than write a state holding a NaN or inf: the
     last checkpoint must stay one a resume can train from."""
-    if not force and not self._mngr.should_save(step):
+    if not force and not self.due(step):
       return False
     bad = nonfinite_paths(state)
     if bad:

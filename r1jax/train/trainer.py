@@ -52,12 +52,13 @@ def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig, mesh: Mesh):
 
 
 @functools.lru_cache(maxsize=8)
-def _step(cfg: ModelConfig, ocfg: optim.OptimConfig, treedef, shardings: tuple):
+def _step(cfg: ModelConfig, ocfg: optim.OptimConfig, treedef, shardings: tuple,
+          micro_batches: int = 1):
   """The train step with its output state pinned to the input state's placement
   (left free, XLA may return the parameters replicated)."""
   state_sharding = jax.tree.unflatten(treedef, shardings)
-  return jax.jit(sft.make_train_step(cfg, optim.make_optimizer(ocfg)), donate_argnums=0,
-                 out_shardings=(state_sharding, None))
+  step = sft.make_train_step(cfg, optim.make_optimizer(ocfg), micro_batches)
+  return jax.jit(step, donate_argnums=0, out_shardings=(state_sharding, None))
 
 
 def _new_state(params, optimizer, mesh: Mesh) -> sft.TrainState:
@@ -77,14 +78,25 @@ def _pad_rows(arrays: dict, multiple: int) -> dict:
 
 def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dict,
                      eval_rows: dict, ocfg: optim.OptimConfig, steps: int, batch_size: int,
-                     seed: int, log_every: int, checkpoint_every: int):
+                     seed: int, log_every: int, checkpoint_every: int, micro_batches: int = 1):
   """Trains on `rows` (tokens / loss_mask / valid, [N, T]); `params=None` starts fresh.
+
+  Each step's batch runs as `micro_batches` chunks (gradients accumulated, one
+  update). The host keeps the step counter and reads metrics back only at log
+  steps, checkpoints and the end: a refused (non-finite) step is still logged and
+  the stop rule still names the step where the limit was reached, but it is
+  seen at the next of those points (at most log_every − 1 steps later).
 
   Returns (final params, summary dict with the held-out loss before and after).
   """
   if batch_size % ctx.n_data_parallel:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the "
                      f"{ctx.n_data_parallel} data-parallel devices of mesh {dict(ctx.mesh.shape)}")
+  if micro_batches < 1 or batch_size % micro_batches or (
+      (batch_size // micro_batches) % ctx.n_data_parallel):
+    raise ValueError(f"micro_batches={micro_batches} must divide batch_size={batch_size} into "
+                     f"micro-batches that are multiples of the {ctx.n_data_parallel} "
+                     "data-parallel devices")
   param_sharding, optimizer, init, eval_loss = _programs(cfg, ocfg, ctx.mesh)
   if params is None:
     params = init(cfg, jax.random.key(seed))
@@ -92,7 +104,7 @@ def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dic
     params = jax.device_put(params, param_sharding)
   state = _new_state(params, optimizer, ctx.mesh)
   leaves, treedef = jax.tree.flatten(jax.tree.map(lambda x: x.sharding, state))
-  train_step = _step(cfg, ocfg, treedef, tuple(leaves))
+  train_step = _step(cfg, ocfg, treedef, tuple(leaves), micro_batches)
   batches = pipelines.sft_batches(rows, batch_size, seed)
   eval_batch = ctx.put_batch(_pad_rows(eval_rows, ctx.n_data_parallel))
   initial_eval = float(eval_loss(state.params, eval_batch))
@@ -101,26 +113,41 @@ def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dic
     state, data_state = ckpt.restore(ckpt_lib.abstract_like(state))
     batches.restore(data_state)
     ctx.log(f"  resuming from step {int(state.step)}")
-  writer = metrics_lib.MetricWriter(stage_dir, total_steps=steps, start_step=int(state.step),
+  step = int(state.step)  # the host counts from here: no device read per step
+  writer = metrics_lib.MetricWriter(stage_dir, total_steps=steps, start_step=step,
                                     show=("loss", "lm_loss"))
   guard = NonFiniteGuard(storage.path(stage_dir).name, ocfg.max_nonfinite_steps)
   last = {}
-  try:
-    while int(state.step) < steps:
-      state, m = train_step(state, ctx.put_batch(next(batches)))
-      step = int(state.step)
-      skipped = float(m["skipped_nonfinite"])
+  pending = []  # (step, metrics still on device), oldest first
+
+  def read_pending():
+    """One device read for the steps since the last one: logs the log steps and every
+    refused step, and runs the stop rule over them in order."""
+    nonlocal last
+    flags = jax.device_get([m["skipped_nonfinite"] for _, m in pending])
+    todo = list(zip(pending, flags))
+    pending.clear()
+    for (s, m), skipped in todo:
       # A refused step is always logged, whatever the cadence.
-      if step % log_every == 0 or step == steps or skipped:
-        last = writer.write(step, jax.device_get(m))
-      guard(step, skipped)
+      if s % log_every == 0 or s == steps or skipped:
+        last = writer.write(s, jax.device_get(m))
+      guard(s, float(skipped))
+
+  try:
+    while step < steps:
+      state, m = train_step(state, ctx.put_batch(next(batches)))
+      step += 1
+      pending.append((step, m))
+      # Read before a checkpoint too: a run the stop rule ends writes none past it.
+      if step % log_every == 0 or step == steps or ckpt.due(step):
+        read_pending()
       if ckpt.save(step, state, batches.state(), force=step == steps):
         writer.flush()
   finally:  # a stopped run still leaves its metrics and finished checkpoints behind
     writer.close()
     ckpt.close()
   final_eval = float(eval_loss(state.params, eval_batch))
-  summary = {"steps": int(state.step), "eval_loss_before": initial_eval,
+  summary = {"steps": step, "eval_loss_before": initial_eval,
              "eval_loss_after": final_eval, "final_loss": last.get("loss", float("nan")),
              "train_rows": int(len(rows["tokens"]))}
   # The router's balance at the end (V3's MaxVio_batch of the last logged step).
