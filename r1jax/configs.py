@@ -182,16 +182,7 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
     from r1jax.rl.step import GRPOConfig
     g = GRPOConfig(**sc.grpo.to_dict())
     RewardSpec.create([tuple(t) for t in sc.rewards]).check_available()
-    if g.minibatch_size % n_dp:
-      raise ValueError(f"grpo minibatch of {g.minibatch_size} completions is not a multiple "
-                       f"of the {n_dp} data-parallel devices")
-    if (g.minibatch_size // g.micro_batches) % n_dp:
-      raise ValueError(f"grpo.micro_batches={g.micro_batches} leaves "
-                       f"{g.minibatch_size // g.micro_batches} completions per micro-batch, "
-                       f"not a multiple of the {n_dp} data-parallel devices")
-    if g.slice_size % n_dp:
-      raise ValueError(f"grpo.rollout_slice={g.rollout_slice} is not a multiple of the {n_dp} "
-                       "data-parallel devices")
+    g.check_data_parallel(n_dp, key_prefix="grpo.")
     # `steps` counts rollouts, the schedule counts updates (GRPOConfig's docstring).
     if sc.optim.total_steps != sc.steps * g.updates_per_step:
       raise ValueError(

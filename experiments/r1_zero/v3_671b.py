@@ -35,6 +35,9 @@ def get_config(arg: str | None = None):
       # The latent cache is 2.4 GB a completion (33,792 slots × 576 × 61 layers, bf16):
       # all 8,192 at once would be 76 GB a device; slices of 1,024 take 9.5 GB.
       grpo=dict(group_size=16, prompts_per_step=512, max_prompt_len=1024, max_new_tokens=32_768,
+                # An update's 512 completions are 2 per data-parallel device: one
+                # 33k-token sequence per device per micro-step.
+                micro_batches=2,
                 rollout_slice=1024, temperature=1.0, n_minibatches=16, num_iterations=1, beta=0.001,
                 kl_estimator="k3", eps_low=0.2, eps_high=0.2,
                 ref_reset_every=400),  # updates (= 25 rollouts)

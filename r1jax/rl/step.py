@@ -169,6 +169,21 @@ class GRPOConfig:
     """Completions per decode call."""
     return self.rollout_slice or self.batch_size
 
+  def check_data_parallel(self, n_dp: int, key_prefix: str = "") -> None:
+    """Errors unless the minibatch, its micro-batches and the rollout slice each split
+    evenly over `n_dp` data-parallel devices (`key_prefix` names the settings)."""
+    mb, micro = self.minibatch_size, self.micro_batches
+    if mb % n_dp:
+      raise ValueError(f"the minibatch of {mb} completions is not divisible by the {n_dp} "
+                       "data-parallel devices; change prompts_per_step, group_size or "
+                       "n_minibatches")
+    if (mb // micro) % n_dp:
+      raise ValueError(f"{key_prefix}micro_batches={micro} leaves {mb // micro} completions "
+                       f"per micro-batch, not divisible by the {n_dp} data-parallel devices")
+    if self.slice_size % n_dp:
+      raise ValueError(f"{key_prefix}rollout_slice={self.rollout_slice} is not a multiple of "
+                       f"the {n_dp} data-parallel devices")
+
   def loss_options(self) -> tuple[tuple[str, Any], ...]:
     """make_loss_fn's keyword arguments, hashable (the jitted programs' cache key)."""
     return (("temperature", self.temperature),
@@ -227,17 +242,7 @@ class GRPOStep:
                        "truncated and nothing would be trained")
     if mesh is not None:
       n_dp = int(np.prod([mesh.shape[a] for a in mesh_lib.BATCH]))
-      if gcfg.minibatch_size % n_dp:
-        raise ValueError(f"the minibatch of {gcfg.minibatch_size} completions is not divisible "
-                         f"by the {n_dp} data-parallel devices of mesh {dict(mesh.shape)}; "
-                         "change prompts_per_step, group_size or n_minibatches")
-      if (gcfg.minibatch_size // gcfg.micro_batches) % n_dp:
-        raise ValueError(f"micro_batches={gcfg.micro_batches} leaves "
-                         f"{gcfg.minibatch_size // gcfg.micro_batches} completions per "
-                         f"micro-batch, not divisible by the {n_dp} data-parallel devices")
-      if gcfg.slice_size % n_dp:
-        raise ValueError(f"rollout_slice={gcfg.rollout_slice} is not a multiple of the {n_dp} "
-                         f"data-parallel devices of mesh {dict(mesh.shape)}")
+      gcfg.check_data_parallel(n_dp)
     self.cfg, self.gcfg, self.ocfg = cfg, gcfg, ocfg
     self.reward_fn, self.decode, self.encode = reward_fn, decode, encode
     self.eos_id, self.pad_id, self.mesh = eos_id, pad_id, mesh
