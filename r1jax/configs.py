@@ -168,10 +168,9 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
   if "batch_size" in sc and sc.kind != "grpo" and sc.batch_size % n_dp:
     raise ValueError(f"batch_size={sc.batch_size} is not a multiple of the {n_dp} "
                      "data-parallel devices")
-  if "micro_batches" in sc and (sc.micro_batches < 1 or sc.batch_size % sc.micro_batches
-                                or (sc.batch_size // sc.micro_batches) % n_dp):
-    raise ValueError(f"micro_batches={sc.micro_batches} must divide batch_size={sc.batch_size} "
-                     f"into micro-batches that are multiples of the {n_dp} data-parallel devices")
+  if "micro_batches" in sc:
+    from r1jax.train.sft import check_micro_batches
+    check_micro_batches(sc.batch_size, sc.micro_batches, n_dp)
   if "student" in sc:
     ModelConfig(**sc.student.to_dict())
   for key in ("r1_zero_fraction", "wrong_answer_rate", "direct_answer_rate"):

@@ -172,6 +172,16 @@ def apply_gradients(cfg: ModelConfig, optimizer: optax.GradientTransformation, p
 # one optimizer update. Each micro-batch's loss is re-weighted so the sum is the
 # whole batch's loss (token means divide by the whole batch's token count).
 
+def check_micro_batches(batch_size: int, micro_batches: int, n_data_parallel: int) -> None:
+  """Errors unless `micro_batches` splits `batch_size` into micro-batches that are
+  multiples of the data-parallel devices (config validation and the trainer)."""
+  if micro_batches < 1 or batch_size % micro_batches or (
+      (batch_size // micro_batches) % n_data_parallel):
+    raise ValueError(f"micro_batches={micro_batches} must divide batch_size={batch_size} into "
+                     f"micro-batches that are multiples of the {n_data_parallel} "
+                     "data-parallel devices")
+
+
 def split_micro_batches(batch: dict, micro_batches: int, setting: str = "micro_batches") -> dict:
   """Each [B, ...] array as [M, B/M, ...]; micro-batch i holds rows i, i+M, i+2M, ...
 

@@ -92,11 +92,7 @@ def train_supervised(ctx, stage_dir: str, *, cfg: ModelConfig, params, rows: dic
   if batch_size % ctx.n_data_parallel:
     raise ValueError(f"batch_size={batch_size} must be a multiple of the "
                      f"{ctx.n_data_parallel} data-parallel devices of mesh {dict(ctx.mesh.shape)}")
-  if micro_batches < 1 or batch_size % micro_batches or (
-      (batch_size // micro_batches) % ctx.n_data_parallel):
-    raise ValueError(f"micro_batches={micro_batches} must divide batch_size={batch_size} into "
-                     f"micro-batches that are multiples of the {ctx.n_data_parallel} "
-                     "data-parallel devices")
+  sft.check_micro_batches(batch_size, micro_batches, ctx.n_data_parallel)
   param_sharding, optimizer, init, eval_loss = _programs(cfg, ocfg, ctx.mesh)
   if params is None:
     params = init(cfg, jax.random.key(seed))
