@@ -20,8 +20,16 @@ from r1jax import configs
 
 def get_config(arg: str | None = None):
   c = configs.base()
-  configs.with_model_preset(c, "deepseek_v3_671b")
-  c.mesh = (1, 32, 8, 1)  # 256 devices: experts over 8, parameters over 32 (see tools/plan.py)
+  # Each device exchanges its 33,792 tokens with its expert peers in chunks of
+  # 512, so the dropless exchange buffers are sized by the chunk, not by the
+  # sequence; sequence parallelism keeps each layer's saved input to 1/8 of it.
+  configs.with_model_preset(c, "deepseek_v3_671b", ep_chunk_tokens=512, sequence_parallel=True)
+  # 512 devices: experts over expert × fsdp × tensor (all 512), other weights over
+  # fsdp × tensor, heads and hidden units over tensor = 8. On 256 devices
+  # (1 × 32 × 8 × 1) the sharded state (bf16 weights, gradients and reference,
+  # f32 master and moments) is 55.6 GB a device before any activation; see
+  # `plan --compile` in README.
+  c.mesh = (1, 8, 8, 8)
   c.data.update(dict(task="math_jsonl", train_path="gs://BUCKET/data/math_train.jsonl",
                      eval_path="gs://BUCKET/data/aime24.jsonl", n_train=0, n_eval=30,
                      vocab_size=129280, tokenizer_path="gs://BUCKET/deepseek_v3/tokenizer.model"))
@@ -32,13 +40,14 @@ def get_config(arg: str | None = None):
       steps=650,  # rollouts: 10,400 updates / 16 updates per rollout
       log_every=1, checkpoint_every=50, eval_prompts=30, eval_samples=16, eval_temperature=0.6,
       reward_workers=64, reward_timeout_s=30.0,
-      # The latent cache is 2.4 GB a completion (33,792 slots × 576 × 61 layers, bf16):
-      # all 8,192 at once would be 76 GB a device; slices of 1,024 take 9.5 GB.
+      # The latent cache is 2.4 GB a completion (33,792 slots × 576 × 61 layers, bf16),
+      # split over the 64 data-parallel devices only: all 8,192 at once would be
+      # 303 GB a device; slices of 512 (8 a device) take 19 GB.
       grpo=dict(group_size=16, prompts_per_step=512, max_prompt_len=1024, max_new_tokens=32_768,
-                # An update's 512 completions are 2 per data-parallel device: one
-                # 33k-token sequence per device per micro-step.
-                micro_batches=2,
-                rollout_slice=1024, temperature=1.0, n_minibatches=16, num_iterations=1, beta=0.001,
+                # An update's 512 completions are 8 per data-parallel device (64 of
+                # them): one 33k-token sequence a device per micro-step.
+                micro_batches=8,
+                rollout_slice=512, temperature=1.0, n_minibatches=16, num_iterations=1, beta=0.001,
                 kl_estimator="k3", eps_low=0.2, eps_high=0.2,
                 ref_reset_every=400),  # updates (= 25 rollouts)
       # The schedule counts updates: 650 rollouts × 16 minibatches × 1 pass.

@@ -182,6 +182,18 @@ def _key_block(k_parts, v, valid, j, bk):
   return k0, slot_k, k_j, v_j, ok_BxK
 
 
+def _loop(lower: int, upper: int, body, init):
+  """fori_loop as a while loop. With static bounds fori_loop becomes a scan, and
+  differentiating an enclosing scan (the layer stack) then splits it into
+  loop-invariant and varying parts, stacking an [nq, nk, B, H, bq, bk] tile of the
+  invariant part (the masks) per block pair: the T×S buffer this kernel avoids.
+  A while loop is not split. Nothing differentiates these loops (custom_vjp)."""
+  def step(c):
+    i, carry = c
+    return i + 1, body(i, carry)
+  return jax.lax.while_loop(lambda c: c[0] < upper, step, (jnp.int32(lower), init))[1]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _flash(scale, bq, bk, q_parts, k_parts, v, q_start, valid):
   return _flash_fwd(scale, bq, bk, q_parts, k_parts, v, q_start, valid)[0]
@@ -216,7 +228,7 @@ def _flash_fwd(scale, bq, bk, q_parts, k_parts, v, q_start, valid):
 
     init = (jnp.full((B, H, bq), _MASKED, jnp.float32), jnp.zeros((B, H, bq), jnp.float32),
             jnp.zeros((B, bq, H, Vd), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, nk, k_step, init)
+    m, l, acc = _loop(0, nk, k_step, init)
     l_safe = jnp.where(l > 0, l, 1.0)
     o = acc / jnp.swapaxes(l_safe, 1, 2)[..., None]  # fully masked rows: acc = 0 -> 0
     lse = jnp.where(l > 0, m + jnp.log(l_safe), 0.0)
@@ -224,7 +236,7 @@ def _flash_fwd(scale, bq, bk, q_parts, k_parts, v, q_start, valid):
     lse_BxHxT = jax.lax.dynamic_update_slice_in_dim(lse_BxHxT, lse, q0, 2)
     return out_BxTxHxV, lse_BxHxT
 
-  out, lse = jax.lax.fori_loop(
+  out, lse = _loop(
       0, nq, q_step, (jnp.zeros((B, T, H, Vd), dt), jnp.zeros((B, H, T), jnp.float32)))
   return out, (q_parts, k_parts, v, q_start, valid, out, lse)
 
@@ -289,13 +301,13 @@ def _flash_bwd(scale, bq, bk, res, dout_BxTxHxV):
       return jax.lax.cond(j * bk > slot_q[-1], lambda c: c, update, c)
 
     init = (dqs, tuple(f32zeros(k) for k in k_j), f32zeros(v_j))
-    dqs, dks_j, dv_j = jax.lax.fori_loop(0, nq, q_step, init)
+    dqs, dks_j, dv_j = _loop(0, nq, q_step, init)
     # Repeated columns of an overlapping last block were masked: their rows add 0.
     dks = tuple(_add_at(dk, dk_j, k0, 1) for dk, dk_j in zip(dks, dks_j))
     return dqs, dks, _add_at(dv, dv_j, k0, 1)
 
   init = (tuple(f32zeros(q) for q in q_parts), tuple(f32zeros(k) for k in k_parts), f32zeros(v))
-  dqs, dks, dv = jax.lax.fori_loop(0, nk, k_step, init)
+  dqs, dks, dv = _loop(0, nk, k_step, init)
   cast = lambda gs, xs: tuple(g.astype(x.dtype) for g, x in zip(gs, xs))  # noqa: E731
   return cast(dqs, q_parts), cast(dks, k_parts), dv.astype(v.dtype), None, None
 

@@ -61,11 +61,15 @@ class ModelConfig:
   # expert axis > 1; ep_exchange: "all_to_all" (fixed
   # capacity, any backend), "ragged_all_to_all" (GPU/TPU), "auto" by backend;
   # ep_capacity_factor 0 = worst-case buffers, > 0 = balanced-load buffers with
-  # a dropless worst-case fallback (see r1jax/parallel/expert_parallel.py).
+  # a dropless worst-case fallback (see r1jax/parallel/expert_parallel.py);
+  # ep_chunk_tokens > 0 exchanges each device's tokens in chunks of that many,
+  # one after another, so the exchange buffers (worst case: expert-axis × chunk
+  # received rows) do not grow with the sequence.
   grouped_matmul: Literal["auto", "gather", "dense", "sorted", "blocked", "ragged_dot"] = "auto"
   gmm_block_size: int = 128
   ep_exchange: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
   ep_capacity_factor: float = 0.0
+  ep_chunk_tokens: int = 0
   # Attention kernel (results agree to float rounding): "reference" (materialised
   # [B,H,T,S] scores), "blocked" (pure-JAX flash, key/query blocks of
   # attention_block), "cudnn" (GPU), "splash" (TPU), "auto" by backend and
@@ -76,6 +80,11 @@ class ModelConfig:
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
   remat: bool = False
+  # Sequence parallelism (training form, under a mesh whose tensor axis is > 1):
+  # between blocks the residual stream is split over `tensor` along the sequence;
+  # each sublayer gathers its normed input and scatters its output. Results do
+  # not depend on it.
+  sequence_parallel: bool = False
   # Sequence positions per output-head chunk in the losses and log-probs: each
   # chunk's [B, logits_chunk, V] float32 logits exist only one at a time
   # (r1jax/model/head.py). Results do not depend on it.
@@ -110,6 +119,8 @@ class ModelConfig:
                       f"got {self.ep_exchange!r}")
     if self.ep_capacity_factor < 0:
       problems.append("ep_capacity_factor must be >= 0 (0: worst-case buffers)")
+    if self.ep_chunk_tokens < 0:
+      problems.append("ep_chunk_tokens must be >= 0 (0: all of a device's tokens at once)")
     if self.mtp_depth < 0:
       problems.append("mtp_depth must be >= 0")
     if self.attention not in ("auto", "reference", "blocked", "cudnn", "splash"):

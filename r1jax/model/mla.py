@@ -91,7 +91,10 @@ class MLA(nn.Module):
 
     Writes this chunk's latents into `cache = (c_kv [B,S,C], k_pe [B,S,R])` at
     slots [start, start+T) and attends over every valid slot ≤ the query's slot.
-    `valid_BxS` must already mark the new slots. Returns (output, new cache).
+    `valid_BxS` must already mark the new slots. Returns (output, this chunk's
+    latents (c_kv [B,T,C], k_pe [B,T,R])): the caller writes them into the
+    stacked cache once per layer stack (in place on a donated cache; a cache
+    returned per layer would be a second copy of the whole cache).
     """
     c = self.cfg
     dt = jnp.dtype(c.dtype)
@@ -113,4 +116,5 @@ class MLA(nn.Module):
                                    (c_kv_BxSx1xC, cache_k_pe[:, :, None].astype(dt)),
                                    c_kv_BxSx1xC, start, valid_BxS)
     out_BxTxHxV = jnp.einsum("bthc,chv->bthv", out_lat_BxTxHxC, w_uv_CxHxV)
-    return self.wo(out_BxTxHxV), (cache_c_kv, cache_k_pe)
+    return self.wo(out_BxTxHxV), (c_kv_new.astype(cache_c_kv.dtype),
+                                  k_pe_new.astype(cache_k_pe.dtype))

@@ -27,7 +27,7 @@ from r1jax.model.kv_cache import LatentCache
 from r1jax.model.layers import MLP, Linear, RMSNorm, dtypes
 from r1jax.model.mla import MLA
 from r1jax.model.moe import MoE
-from r1jax.parallel.mesh import shard_batch
+from r1jax.parallel.mesh import shard_batch, shard_sequence
 
 
 class Block(nn.Module):
@@ -46,31 +46,41 @@ class Block(nn.Module):
     else:
       self.ffn = MLP(c.d_model, c.d_ff, dt, pdt, name="mlp")
 
-  def _ffn(self, x_BxTxD, valid_BxT):
+  def _ffn(self, x_BxTxD, valid_BxT, sp: bool = False):
     h = self.mlp_norm(x_BxTxD)
+    if sp:
+      h = shard_batch(h)
     if self.moe:
       y, aux = self.ffn(h, valid_BxT)
     else:
       y, aux = self.ffn(h), {}
-    return x_BxTxD + y, aux
+    return x_BxTxD + (shard_sequence(y) if sp else y), aux
 
   def __call__(self, x_BxTxD, layer_cache, pos_BxT, valid, start):
     """nn.scan's (carry, per-layer input) -> (carry, per-layer output).
 
     Training form when `layer_cache` is None (valid: [B,T]); otherwise the
-    latent-cache form (valid: [B,S]). Outputs (aux, updated layer cache).
+    latent-cache form (valid: [B,S]). Outputs (aux, the chunk's new latents or None).
     """
     # The residual stream is split over data×fsdp×expert (the "batch" rule) under
     # an ambient mesh, so no block's activations drift onto parameter shardings.
-    x_BxTxD = shard_batch(x_BxTxD)
+    # With sequence parallelism (training form) the stream is also split along
+    # the sequence over `tensor`: the norms run on that split, each sublayer
+    # sees the whole sequence (an all-gather) and its output is split again (a
+    # reduce-scatter of the tensor-parallel partial sums).
     if layer_cache is None:
-      x = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), pos_BxT, valid)
-      x, aux = self._ffn(x, valid)
+      sp = self.cfg.sequence_parallel
+      x_BxTxD = shard_sequence(x_BxTxD) if sp else shard_batch(x_BxTxD)
+      h = self.attn_norm(x_BxTxD)
+      a = self.attn(shard_batch(h) if sp else h, pos_BxT, valid)
+      x = x_BxTxD + (shard_sequence(a) if sp else a)
+      x, aux = self._ffn(x, valid, sp)
       return x, (aux, None)
-    a, layer_cache = self.attn.decode(self.attn_norm(x_BxTxD), pos_BxT, layer_cache, start, valid)
+    x_BxTxD = shard_batch(x_BxTxD)
+    a, latents = self.attn.decode(self.attn_norm(x_BxTxD), pos_BxT, layer_cache, start, valid)
     valid_BxT = jax.lax.dynamic_slice_in_dim(valid, start, x_BxTxD.shape[1], axis=1)
     x, aux = self._ffn(x_BxTxD + a, valid_BxT)
-    return x, (aux, layer_cache)
+    return x, (aux, latents)
 
 
 def _stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
@@ -149,10 +159,13 @@ class Transformer(nn.Module):
       if not hasattr(self, name):
         continue
       layer_cache = None if cache is None else cache.layers[name]
-      x, (stack_aux, stack_cache) = getattr(self, name)(x, layer_cache, pos, valid, start)
+      x, (stack_aux, latents) = getattr(self, name)(x, layer_cache, pos, valid, start)
       if name == "moe_layers":
         aux = stack_aux
-      new_cache[name] = stack_cache
+      if cache is not None:  # the new slots [start, start+T) of every layer, in place
+        new_cache[name] = tuple(
+            jax.lax.dynamic_update_slice_in_dim(full_LxBxSxC, new_LxBxTxC, start, axis=2)
+            for full_LxBxSxC, new_LxBxTxC in zip(layer_cache, latents))
     return x, aux, new_cache
 
   def __call__(self, tokens_BxT, positions_BxT=None, valid_BxT=None, *,

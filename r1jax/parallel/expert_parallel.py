@@ -81,6 +81,22 @@ def expert_axis_size(mesh) -> int:
   return int(mesh.shape[EXPERT])
 
 
+def per_device_rows(fn: Callable, mesh, rows: tuple, shared: tuple = ()):
+  """fn(*rows, *shared), each device on its own rows (leading axis over the batch
+  axes; `shared` replicated), when the ambient mesh splits the rows evenly; else
+  a plain call. For row-wise work GSPMD partitions badly: it all-gathers top_k's
+  operand over the token axis (the router's [N, E] scores, 17.7 GB a device for
+  one 671B minibatch)."""
+  batch = () if mesh is None else tuple(a for a in BATCH if a in mesh.axis_names)
+  n = int(np.prod([mesh.shape[a] for a in batch])) if batch else 1
+  if n == 1 or rows[0].shape[0] % n:
+    return fn(*rows, *shared)
+  out_shape = jax.eval_shape(fn, *rows, *shared)
+  row_spec = lambda x: P(batch, *([None] * (x.ndim - 1)))  # noqa: E731
+  return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(row_spec, rows)) + (P(),) * len(shared),
+                       out_specs=jax.tree.map(row_spec, out_shape))(*rows, *shared)
+
+
 def resolve_exchange(exchange: str) -> str:
   if exchange not in EXCHANGES:
     raise ValueError(f"ep_exchange must be one of {EXCHANGES}, got {exchange!r}")
@@ -198,6 +214,28 @@ def _exchange(kind: str, x_nxD, idx_nxK, gate_nxK, need_nxX, sizes_XxX, w, route
   return jnp.zeros((n, D), y_BxD.dtype).at[tok_B].add(y_BxD, mode="drop")
 
 
+def _ep_chunked(x_nxD, idx_nxK, gate_nxK, *w, chunk: int, **kw):
+  """The round trip over chunks of `chunk` tokens, one after another.
+
+  Every buffer of the exchange (and its dropless worst case, X·chunk received
+  rows) scales with the chunk, not with this device's n tokens. Each chunk is
+  rematerialised in the backward pass, so only its inputs are saved. Padding
+  tokens carry expert id E (no peer needs them) and gate 0.
+  """
+  n, K = idx_nxK.shape
+  if chunk <= 0 or chunk >= n:
+    return _ep_local(x_nxD, idx_nxK, gate_nxK, *w, **kw)
+  q = -(-n // chunk)
+  pad = q * chunk - n
+  E = w[0].shape[0] * kw["n_peers"]
+  x = jnp.pad(x_nxD, ((0, pad), (0, 0))).reshape(q, chunk, -1)
+  idx = jnp.pad(idx_nxK, ((0, pad), (0, 0)), constant_values=E).reshape(q, chunk, K)
+  gate = jnp.pad(gate_nxK, ((0, pad), (0, 0))).reshape(q, chunk, K)
+  one = jax.checkpoint(lambda xs, ids, gs: _ep_local(xs, ids, gs, *w, **kw))
+  _, y_qxcxD = jax.lax.scan(lambda _, inp: (None, one(*inp)), None, (x, idx, gate))
+  return y_qxcxD.reshape(q * chunk, -1)[:n]
+
+
 def _ep_local(x_nxD, idx_nxK, gate_nxK, wi_gate, wi_up, wo, *, routed: Routed, kind: str,
               n_peers: int, capacity_factor: float, batch_axes: tuple[str, ...],
               tensor: bool):
@@ -228,12 +266,14 @@ def _ep_local(x_nxD, idx_nxK, gate_nxK, wi_gate, wi_up, wo, *, routed: Routed, k
 
 
 def ep_dispatch(routed: Routed, w: tuple, x_NxD, idx_NxK, gate_NxK, mesh, *,
-                exchange: str = "auto", capacity_factor: float = 0.0) -> jnp.ndarray:
+                exchange: str = "auto", capacity_factor: float = 0.0,
+                chunk_tokens: int = 0) -> jnp.ndarray:
   """Σ_k gate_k · expert_{idx_k}(x) with the routed experts sharded over `expert`.
 
   w = (wi_gate [E,D,F], wi_up [E,D,F], wo [E,F,D]); `routed` runs the local
-  experts (see Routed). Equals the single-device layer up to float summation
-  order; drops nothing.
+  experts (see Routed). chunk_tokens > 0: each device exchanges its tokens in
+  chunks of that many (`_ep_chunked`). Equals the single-device layer up to
+  float summation order; drops nothing.
   """
   X = expert_axis_size(mesh)
   E, _, F = w[0].shape
@@ -251,7 +291,8 @@ def ep_dispatch(routed: Routed, w: tuple, x_NxD, idx_NxK, gate_NxK, mesh, *,
     raise ValueError(f"moe_d_ff={F} must be a multiple of the tensor mesh axis ({tp}).")
   tensor = TENSOR if TENSOR in mesh.axis_names else None
   tok = P(batch, None)
-  fn = functools.partial(_ep_local, routed=routed, kind=resolve_exchange(exchange), n_peers=X,
+  fn = functools.partial(_ep_chunked, chunk=chunk_tokens, routed=routed,
+                         kind=resolve_exchange(exchange), n_peers=X,
                          capacity_factor=capacity_factor, batch_axes=batch,
                          tensor=tensor is not None)
   return jax.shard_map(

@@ -26,8 +26,10 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mtp_embed", None),
     ("heads", "tensor"),
     ("head_dim", None),
-    ("q_lora", None),
-    ("kv_lora", None),
+    # The low-rank inputs of wq_b / wkv_b shard over fsdp (flax leaves a mesh axis
+    # out when an earlier dimension already took it, so wq_a / wkv_a stay [fsdp, -]).
+    ("q_lora", "fsdp"),
+    ("kv_lora", "fsdp"),
     ("mlp", "tensor"),
     ("exp", "expert"),
     ("exp_mlp", "tensor"),
@@ -87,6 +89,20 @@ def shard_batch(x: jax.Array) -> jax.Array:
   if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
     return x
   return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
+
+
+def shard_sequence(x: jax.Array) -> jax.Array:
+  """Sequence parallelism's layout of the residual stream [B, T, D]: the batch over
+  the batch axes and T over `tensor` of the ambient mesh (Megatron's SP, so each
+  layer's saved input is 1/tensor of the sequence); `shard_batch` where the
+  mesh has no tensor axis > 1 or the shape does not divide."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1:
+    return shard_batch(x)
+  axes = tuple(a for a in BATCH if a in mesh.axis_names)
+  if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])) or x.shape[1] % mesh.shape["tensor"]:
+    return shard_batch(x)
+  return jax.lax.with_sharding_constraint(x, P(axes, "tensor", *([None] * (x.ndim - 2))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

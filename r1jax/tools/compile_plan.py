@@ -20,9 +20,11 @@ lives on the device while the program runs but is not its argument (the
 optimizer state during log-probs and decoding, the reference during decoding).
 Compiles run on N forced CPU devices in a child process (XLA_FLAGS must be set
 before jax is imported); r1jax/tools/plan.py starts it. XLA:CPU compiles the
-CPU forms of backend-dependent kernels (attention "auto", grouped_matmul
-"auto"): the "blocked" grouped matmul copies an expert's weights per block of
-rows, which a GPU/TPU's ragged_dot does not; --grouped_matmul overrides it.
+CPU forms of backend-dependent kernels (attention "auto": blocked at long
+sequences). grouped_matmul "auto" compiles as "sorted", XLA:CPU's grouped
+matmul without weight copies, whose buffers are those of a GPU/TPU's
+ragged_dot ("blocked", the CPU's fastest, copies an expert's weights per block
+of rows); --grouped_matmul overrides it.
 """
 
 from __future__ import annotations
@@ -233,7 +235,16 @@ def analysis(compiled) -> dict:
   return out
 
 
-def compile_program(prog: Program, mesh) -> dict:
+# XLA:CPU has no bf16 matmul: it converts bf16 operands to f32, and its
+# loop-invariant code motion then hoists the conversion of a whole stacked input
+# out of the layer loop (decode: every layer's latent cache in f32 at once, 32 GB
+# a device for V3 at 33k slots). GPUs and TPUs multiply bf16 as is, so that
+# buffer does not exist there: the analysis runs with the pass off unless
+# `cpu_licm` (plan --cpu_licm reports XLA:CPU's own choice).
+NO_CPU_LICM = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
+
+
+def compile_program(prog: Program, mesh, cpu_licm: bool = False) -> dict:
   """One program compiled on `mesh`: XLA's bytes per device, the resident state, the
   formula's estimate and the compile time."""
   fn, args, resident = build(prog, mesh)
@@ -241,7 +252,7 @@ def compile_program(prog: Program, mesh) -> dict:
   with jax.set_mesh(mesh):  # the MoE layer reads the ambient mesh for expert parallelism
     lowered = fn.lower(*args)
     t1 = time.time()
-    compiled = lowered.compile()
+    compiled = lowered.compile(None if cpu_licm else dict(NO_CPU_LICM))
   out = analysis(compiled)
   sizes = dict(mesh.shape)
   out.update(resident=device_bytes(resident), lower_s=round(t1 - t0, 1),
@@ -270,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--programs", default=",".join(PROGRAMS))
   parser.add_argument("--n_layers", type=int, help="cut the model to this many layers")
   parser.add_argument("--grouped_matmul", help="override ModelConfig.grouped_matmul")
+  parser.add_argument("--cpu_licm", action="store_true",
+                      help="keep XLA:CPU's loop-invariant code motion (see NO_CPU_LICM)")
   args = parser.parse_args(argv)
   path, _, arg = args.config.partition(":")
   module = configs.experiment(path)
@@ -281,10 +294,11 @@ def main(argv: list[str] | None = None) -> int:
   for prog in sorted(progs, key=lambda p: wanted.index(p.name)):
     if args.n_layers:
       prog = dataclasses.replace(prog, cfg=cut_model(prog.cfg, args.n_layers))
-    if args.grouped_matmul:
-      prog = dataclasses.replace(prog, cfg=prog.cfg.replace(grouped_matmul=args.grouped_matmul))
+    gmm = args.grouped_matmul or ("sorted" if prog.cfg.grouped_matmul == "auto" else None)
+    if gmm:  # "auto" would compile XLA:CPU's "blocked" form, with its per-block weight copies
+      prog = dataclasses.replace(prog, cfg=prog.cfg.replace(grouped_matmul=gmm))
     try:
-      out = compile_program(prog, mesh)
+      out = compile_program(prog, mesh, args.cpu_licm)
     except ValueError as e:
       out = {"error": str(e)}
     print(json.dumps({"program": prog.name, **out}), flush=True)

@@ -109,8 +109,9 @@ def _resolve(cfg: ModelConfig, backend: str) -> tuple[str, str]:
 
 
 def _gmm_rows(cfg: ModelConfig, rows: int, groups: int, gmm: str) -> int:
-  """Rows the grouped matmul holds: the blocked form pads each group to whole blocks."""
-  if gmm != "blocked":
+  """Rows the grouped matmul holds: the blocked and sorted forms pad each group to
+  whole blocks."""
+  if gmm not in ("blocked", "sorted"):
     return rows
   b = block_rows(rows, groups, cfg.gmm_block_size)
   return max((rows + groups * (b - 1)) // b, 1) * b
@@ -162,8 +163,9 @@ def _moe_fwd(cfg: ModelConfig, n: int, sizes: dict[str, int], backend: str, dt: 
   else:  # r1jax/parallel/expert_parallel.py: send, exchange, local experts, return
     L = E // X
     J = min(K, L)
-    send = X * n if exchange == "all_to_all" else n * min(K, X)
-    recv = X * n
+    c = min(n, cfg.ep_chunk_tokens or n)  # tokens exchanged at once (chunked exchange)
+    send = X * c if exchange == "all_to_all" else c * min(K, X)
+    recv = X * c
     rows = _gmm_rows(cfg, recv * J, L, gmm)
     moved = (2 * send + recv + recv * J) * D * dt
   routed = moved + rows * (2 * D + 3 * F) * dt  # sorted in/out rows, gate/up/hidden
@@ -215,8 +217,9 @@ def activation_bytes(cfg: ModelConfig, sizes: dict[str, int], batch: int, seq_le
     ffn = (_moe_fwd(cfg, n, sizes, backend, dt) if cfg.n_moe_layers
            else (3 * n * (-(-cfg.d_ff // tp)) + n * D) * dt)
     mtp_fwd = cfg.mtp_depth * (attn + norms + ffn + 4 * n * D * dt)  # + concat, projection
-  if cfg.remat:
-    saved = sum(count for _, _, count in layers) * n * D * dt
+  if cfg.remat:  # each block's input; sequence parallelism splits it over tensor
+    sp = tp if getattr(cfg, "sequence_parallel", False) and seq_len % tp == 0 else 1
+    saved = sum(count for _, _, count in layers) * n * D * dt // sp
   else:
     saved = sum(fwd * count for fwd, _, count in layers)
   # Backward of one layer: its cotangents (≈ its forward) and the gathered weights'

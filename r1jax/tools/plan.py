@@ -179,6 +179,8 @@ def compile_programs(args: argparse.Namespace, sizes: dict[str, int]) -> list[di
                                                   "compile_layers", "grouped_matmul")
             if getattr(args, k)]
   flags = [f.replace("--compile_layers", "--n_layers") for f in flags]
+  if args.cpu_licm:
+    flags.append("--cpu_licm")
   if jax.default_backend() == "cpu" and jax.device_count() == n:
     import contextlib  # noqa: PLC0415
     import io  # noqa: PLC0415
@@ -231,8 +233,10 @@ def _load_experiment(spec: str):
 
 def _experiment_step(c, stage: str | None):
   """(stage, model, batch, seq_len, OptimConfig) of the stage whose train step is planned:
-  --stage, else the first in the pipeline that trains (a GRPO stage plans its update
-  minibatch of prompt + completion sequences; distillation plans its student)."""
+  --stage, else the first in the pipeline that trains. The batch is one micro-step's
+  (a GRPO stage: its update minibatch of prompt + completion sequences over
+  micro_batches, with no MTP head, which RL does not train; distillation plans its
+  student)."""
   names = [stage] if stage else list(c.pipeline)
   for name in names:
     if name not in c.stages:
@@ -240,12 +244,13 @@ def _experiment_step(c, stage: str | None):
     sc = c.stages[name]
     cfg = ModelConfig(**sc.student.to_dict()) if "student" in sc else configs.model_config(c)
     if "batch_size" in sc and "seq_len" in sc:
-      return name, cfg, sc.batch_size, sc.seq_len, configs.optim_config(sc)
+      micro = max(sc.get("micro_batches", 1), 1)
+      return name, cfg, sc.batch_size // micro, sc.seq_len, configs.optim_config(sc)
     if sc.kind == "grpo":
       from r1jax.rl.step import GRPOConfig  # noqa: PLC0415 (RL only for RL stages)
       g = GRPOConfig(**sc.grpo.to_dict())
-      return (name, cfg, g.minibatch_size, g.max_prompt_len + g.max_new_tokens,
-              configs.optim_config(sc))
+      return (name, cfg.replace(mtp_depth=0), g.minibatch_size // max(g.micro_batches, 1),
+              g.max_prompt_len + g.max_new_tokens, configs.optim_config(sc))
   raise ValueError(f"no training stage among {names}; give --stage or use --model")
 
 
@@ -354,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                       "layers (1 dense + MoE); default all")
   parser.add_argument("--grouped_matmul", help="with --compile: override the model's "
                       "grouped_matmul (e.g. blocked, the XLA:CPU form of ragged_dot)")
+  parser.add_argument("--cpu_licm", action="store_true", help="with --compile: keep XLA:CPU's "
+                      "loop-invariant code motion, which hoists f32 copies of whole bf16 "
+                      "stacks that a GPU/TPU never makes (off by default)")
   parser.add_argument("--compile_timeout", type=int, default=3600)
   parser.add_argument("--json", action="store_true", help="print one JSON line")
   args = parser.parse_args(argv)
