@@ -145,3 +145,39 @@ def test_the_loop_accumulates_and_stops_on_refusals_read_at_log_points(tiny_cfg,
   with open(stage_dir / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   assert [(r["step"], r["skipped_nonfinite"]) for r in logged] == [(1, 1.0), (2, 1.0)]
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_on_policy_update_equals_the_update_with_a_recomputed_pi_old(
+    tiny_cfg, tiny_params, grpo_batch, micro_batches):
+  """One update per rollout: π_old is π_θ. Given by a separate forward (old_logp, TIS
+  weights and mismatch from the host) or taken inside the loss (sampler_logp only),
+  the update, the TIS weights and the sampler checks agree."""
+  N = grpo_batch["mask"].shape[1]
+  logp = update.sequence_logprobs(tiny_cfg, tiny_params, grpo_batch["tokens"],
+                                  grpo_batch["positions"], grpo_batch["valid"], completion_len=N)[0]
+  noise = np.random.default_rng(1).normal(scale=0.05, size=logp.shape)
+  sampler = np.asarray(logp) + noise.astype(np.float32)
+  mask = np.asarray(grpo_batch["mask"], bool)
+  cap = 1.02
+  w_host = np.minimum(np.exp(np.where(mask, np.asarray(logp) - sampler, 0.0)), cap)
+  base = {k: v for k, v in grpo_batch.items() if k not in ("old_logp", "tis_weights")}
+  recomputed = {**base, "old_logp": logp, "tis_weights": jnp.asarray(w_host, jnp.float32)}
+  on_policy = {**base, "sampler_logp": jnp.asarray(sampler)}
+  loss_fn = update.make_loss_fn(tiny_cfg, beta=0.04, max_len=10, tis_cap=cap)
+  state = update.RLState(step=jnp.zeros((), jnp.int32), params=tiny_params,
+                         opt_state=SGD.init(tiny_params), ref_params=None)
+  step = jax.jit(update.make_train_step(tiny_cfg, SGD, loss_fn, micro_batches=micro_batches))
+  want, m_want = step(state, recomputed, jax.random.key(0))
+  got, m_got = step(state, on_policy, jax.random.key(0))
+  _close_trees(want.params, got.params)
+  for k in ("loss", "kl", "tis_weight_mean", "entropy"):
+    np.testing.assert_allclose(m_got[k], m_want[k], **TOL, err_msg=k)
+  assert float(m_got["ratio_mean"]) == 1.0 and float(m_got["ratio_max"]) == 1.0
+  d = np.abs(np.asarray(logp) - sampler)[mask]
+  np.testing.assert_allclose(m_got["logp_mismatch/mean"], d.mean(), rtol=1e-4)
+  np.testing.assert_allclose(m_got["logp_mismatch/max"], d.max(), rtol=1e-4)
+  np.testing.assert_allclose(m_got["logp_truncation/mean"],
+                             (sampler - np.asarray(logp))[mask].mean(), atol=1e-5)
+  np.testing.assert_allclose(m_got["tis/capped_frac"], (w_host >= cap)[mask].mean(), atol=1e-6)
+  assert 0 < float(m_got["tis/capped_frac"]) < 1  # the cap binds on some tokens, not all

@@ -189,7 +189,7 @@ class GRPOConfig:
     return (("temperature", self.temperature),
             ("eps_low", self.eps_low), ("eps_high", self.eps_high), ("beta", self.beta),
             ("kl_estimator", self.kl_estimator), ("aggregation", self.aggregation),
-            ("max_len", self.max_len or self.max_new_tokens))
+            ("max_len", self.max_len or self.max_new_tokens), ("tis_cap", self.tis_cap))
 
 
 # ----------------------------------------------------------------------------
@@ -246,8 +246,8 @@ class GRPOStep:
     self.cfg, self.gcfg, self.ocfg = cfg, gcfg, ocfg
     self.reward_fn, self.decode, self.encode = reward_fn, decode, encode
     self.eos_id, self.pad_id, self.mesh = eos_id, pad_id, mesh
-    self.optimizer, self._logprob_fn, self._copy = _programs(cfg, ocfg, gcfg.temperature,
-                                                             gcfg.top_p, gcfg.top_k)
+    self.optimizer, self._logprob_fn, self._ref_fn, self._copy = _programs(
+        cfg, ocfg, gcfg.temperature, gcfg.top_p, gcfg.top_k)
     self._lr = optim.schedule(ocfg)
 
   # -- state
@@ -402,43 +402,21 @@ class GRPOStep:
     metrics.update(self._rollout_metrics(rounds))
 
     # Advantages and the loss mask.
-    t0 = time.perf_counter()
     adv_B = np.asarray(grpo.group_advantages(batch["rewards"], g.group_size,
                                              scale=g.advantage_scale, eps=g.advantage_eps))
     data = training_arrays(batch, adv_B, mask_truncated=g.mask_truncated)
     metrics["zero_adv_group_frac"] = float(grpo.zero_advantage_fraction(adv_B, g.group_size))
 
-    # π_old (the trainer's recomputation) and π_ref, minibatch by minibatch, at
-    # the sampling temperature; also π_old under the sampler's top-k/top-p cut.
-    b = g.minibatch_size
-    olds, refs, sampled = [], [], []
-    for k in range(g.n_minibatches):
-      chunk = self._put({key: data[key][k * b:(k + 1) * b]
-                         for key in ("tokens", "positions", "valid", "mask")})
-      old, ref, old_sampled = self._logprob_fn(state.params, state.ref_params, chunk)
-      olds.append(old)
-      refs.append(ref)
-      sampled.append(old_sampled)
-    data["old_logp"] = np.concatenate(multihost.allgather(olds)).astype(np.float32)
-    if state.ref_params is not None:
-      data["ref_logp"] = np.concatenate(multihost.allgather(refs)).astype(np.float32)
+    t0 = time.perf_counter()
+    if self.on_policy:
+      data, metrics_lp = self._reference_only(state, data, batch)
+    else:
+      data, metrics_lp = self._old_and_reference(state, data, batch)
+    metrics.update(metrics_lp)
     t1 = time.perf_counter()
-    truncated = g.top_k > 0 or g.top_p < 1.0
-    sampled_BxN = (np.concatenate(multihost.allgather(sampled)) if truncated
-                   else data["old_logp"])
-    metrics.update(self._mismatch(data["old_logp"], sampled_BxN, batch["sampler_logp"],
-                                  batch["mask"]))
-    if g.tis_cap > 0:
-      # π_old,trainer (untruncated: the policy the loss trains) over what the
-      # sampler drew from: the importance weight of the behaviour actually used.
-      # With top-k/top-p it includes the kept mass (w ≤ 1 but for numerics).
-      log_w_BxN = np.where(batch["mask"], data["old_logp"] - batch["sampler_logp"], 0.0)
-      w_BxN = np.minimum(np.exp(log_w_BxN), g.tis_cap)
-      data["tis_weights"] = w_BxN.astype(np.float32)
-      metrics["tis/capped_frac"] = float(np.sum((w_BxN >= g.tis_cap) & batch["mask"])
-                                         / max(batch["mask"].sum(), 1))
 
     # μ passes over shuffled minibatches.
+    b = g.minibatch_size
     step_metrics = []
     for it in range(g.num_iterations):
       perm = np.asarray(jax.random.permutation(jax.random.fold_in(shuffle_rng, it), g.batch_size))
@@ -467,6 +445,58 @@ class GRPOStep:
         "train_tokens_per_s": n_train_tokens / max(t2 - t1, 1e-9),
         "lr": float(self._lr(updates_after - 1)), "step": float(step + 1)})
     return state, metrics
+
+  @property
+  def on_policy(self) -> bool:
+    """One update per rollout without top-k/top-p: π_old is π_θ at the update, so
+    no forward computes it (the loss takes stop_gradient(log π_θ), as TRL does)
+    and the sampler checks run inside the update (update.on_policy_checks)."""
+    g = self.gcfg
+    return (g.num_iterations == 1 and g.n_minibatches == 1
+            and g.top_k == 0 and g.top_p >= 1.0)
+
+  def _reference_only(self, state: RLState, data: dict, batch: dict) -> tuple[dict, dict]:
+    """The on-policy step's inputs: π_ref's log-probs (β > 0) and the sampler's."""
+    data["sampler_logp"] = np.asarray(batch["sampler_logp"], np.float32)
+    if state.ref_params is not None:
+      chunk = self._put({k: data[k] for k in ("tokens", "positions", "valid", "mask")})
+      ref = self._ref_fn(state.ref_params, chunk)
+      data["ref_logp"] = np.concatenate(multihost.allgather([ref])).astype(np.float32)
+    return data, {}
+
+  def _old_and_reference(self, state: RLState, data: dict, batch: dict) -> tuple[dict, dict]:
+    """π_old (the trainer's recomputation) and π_ref, minibatch by minibatch, at the
+    sampling temperature; also π_old under the sampler's top-k/top-p cut, for the
+    sampler/trainer mismatch metrics and the TIS weights."""
+    g = self.gcfg
+    b = g.minibatch_size
+    metrics = {}
+    olds, refs, sampled = [], [], []
+    for k in range(g.n_minibatches):
+      chunk = self._put({key: data[key][k * b:(k + 1) * b]
+                         for key in ("tokens", "positions", "valid", "mask")})
+      old, ref, old_sampled = self._logprob_fn(state.params, state.ref_params, chunk)
+      olds.append(old)
+      refs.append(ref)
+      sampled.append(old_sampled)
+    data["old_logp"] = np.concatenate(multihost.allgather(olds)).astype(np.float32)
+    if state.ref_params is not None:
+      data["ref_logp"] = np.concatenate(multihost.allgather(refs)).astype(np.float32)
+    truncated = g.top_k > 0 or g.top_p < 1.0
+    sampled_BxN = (np.concatenate(multihost.allgather(sampled)) if truncated
+                   else data["old_logp"])
+    metrics.update(self._mismatch(data["old_logp"], sampled_BxN, batch["sampler_logp"],
+                                  batch["mask"]))
+    if g.tis_cap > 0:
+      # π_old,trainer (untruncated: the policy the loss trains) over what the
+      # sampler drew from: the importance weight of the behaviour actually used.
+      # With top-k/top-p it includes the kept mass (w ≤ 1 but for numerics).
+      log_w_BxN = np.where(batch["mask"], data["old_logp"] - batch["sampler_logp"], 0.0)
+      w_BxN = np.minimum(np.exp(log_w_BxN), g.tis_cap)
+      data["tis_weights"] = w_BxN.astype(np.float32)
+      metrics["tis/capped_frac"] = float(np.sum((w_BxN >= g.tis_cap) & batch["mask"])
+                                         / max(batch["mask"].sum(), 1))
+    return data, metrics
 
   def _rollout_metrics(self, rounds: list[dict]) -> dict[str, float]:
     """Reward and length statistics over every completion sampled this step."""

@@ -132,13 +132,38 @@ def sequence_logprobs(cfg: ModelConfig, params, tokens_BxL: jax.Array, positions
   return logp_BxN, entropy_BxN, aux
 
 
-def make_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, **loss_options) -> Callable:
+def on_policy_checks(old_bxN, sampler_bxN, mask_bxN, tis_cap: float):
+  """(TIS weights or None, metrics) from π_old (the trainer's, here π_θ itself) and
+  the sampler's log-probs of the same tokens, over the loss mask: what the step
+  computes on the host when it runs π_old as a separate forward."""
+  m = mask_bxN.astype(bool)
+  n = jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
+  old = jnp.where(m, old_bxN, 0.0)
+  sampler = jnp.where(m, sampler_bxN.astype(jnp.float32), 0.0)
+  metrics = {"logp_mismatch/mean": jnp.sum(jnp.abs(old - sampler)) / n,
+             "logp_mismatch/max": jnp.max(jnp.abs(old - sampler)),
+             "logp_mismatch/outside_frac": jnp.zeros((), jnp.float32),
+             "logp_truncation/mean": jnp.sum(sampler - old) / n}
+  if tis_cap <= 0:
+    return None, metrics
+  w_bxN = jnp.minimum(jnp.exp(old - sampler), tis_cap)
+  metrics["tis/capped_frac"] = jnp.sum((w_bxN >= tis_cap) & m) / n
+  return w_bxN, metrics
+
+
+def make_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, tis_cap: float = 0.0,
+                 **loss_options) -> Callable:
   """loss_fn(params, batch, rng) -> (loss, metrics) over one minibatch.
 
   batch: tokens/positions/valid [b, L]; mask, old_logp [b, N]; advantages [b];
   optional ref_logp and tis_weights [b, N]. π_θ is taken at the sampling
   `temperature`, like old_logp and ref_logp. Adds the V3 sequence-wise balance
   loss (α = cfg.seq_aux_loss_alpha); MTP's loss is not used in RL.
+
+  Without old_logp the update is on-policy (one update per rollout, so π_old is
+  π_θ): π_old = stop_gradient(log π_θ), the ratio is exactly 1 and only its
+  gradient acts, as in TRL; a `sampler_logp` [b, N] then gives the mismatch
+  metrics and, with tis_cap > 0, the TIS weights (`on_policy_checks`).
   """
 
   def loss_fn(params, batch: dict, rng: jax.Array):
@@ -147,11 +172,16 @@ def make_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, **loss_options) 
     logp_bxN, entropy_bxN, aux = sequence_logprobs(
         cfg, params, batch["tokens"], batch["positions"], batch["valid"], completion_len=N,
         temperature=temperature)
+    old_bxN, tis_bxN, checks = batch.get("old_logp"), batch.get("tis_weights"), {}
+    if old_bxN is None:
+      old_bxN = jax.lax.stop_gradient(logp_bxN)
+      if "sampler_logp" in batch:
+        tis_bxN, checks = on_policy_checks(old_bxN, batch["sampler_logp"], batch["mask"], tis_cap)
     loss, metrics = grpo.grpo_loss(
-        logp_bxN, batch["old_logp"], batch["ref_logp"] if "ref_logp" in batch else None,
+        logp_bxN, old_bxN, batch["ref_logp"] if "ref_logp" in batch else None,
         batch["advantages"], batch["mask"], entropy_BxT=entropy_bxN,
-        tis_weights_BxT=batch["tis_weights"] if "tis_weights" in batch else None,
-        **loss_options)
+        tis_weights_BxT=tis_bxN, **loss_options)
+    metrics.update(checks)
     if "balance" in aux:
       balance = jnp.sum(aux["balance"])
       loss = loss + cfg.seq_aux_loss_alpha * balance
@@ -164,7 +194,8 @@ def make_loss_fn(cfg: ModelConfig, *, temperature: float = 1.0, **loss_options) 
 
 # Metrics that are means over the minibatch's unmasked tokens (grpo_loss's).
 TOKEN_MEAN_METRICS = ("kl", "clip_frac_low", "clip_frac_high", "ratio_mean", "entropy",
-                      "tis_weight_mean")
+                      "tis_weight_mean", "logp_mismatch/mean", "logp_truncation/mean",
+                      "tis/capped_frac")
 
 
 def grpo_micro_weights(micro_M: dict, aggregation: str) -> dict:
@@ -219,7 +250,8 @@ def make_train_step(cfg: ModelConfig, optimizer: optax.GradientTransformation,
       loss, grads, metrics_M = sft.accumulate_gradients(
           objective, state.params, micro_M, grpo_micro_weights(micro_M, aggregation), rng)
       rules = dict.fromkeys(("loss", "tokens", "expert_load") + TOKEN_MEAN_METRICS, "sum")
-      metrics = sft.combine_metrics(metrics_M, {**rules, "ratio_min": "min", "ratio_max": "max"})
+      metrics = sft.combine_metrics(metrics_M, {**rules, "ratio_min": "min", "ratio_max": "max",
+                                                "logp_mismatch/max": "max"})
       for k in ("ratio_min", "ratio_max"):
         if k in metrics:
           metrics[k] = jnp.where(jnp.isfinite(metrics[k]), metrics[k], 1.0)
@@ -254,11 +286,23 @@ def make_logprob_fn(cfg: ModelConfig, temperature: float = 1.0, top_p: float = 1
     if top_k or top_p < 1.0:
       # The sampler's own cut (rollout._truncate), so both sides truncate by one rule.
       sampled = logprobs(top_k=top_k, top_p=top_p)[0]
-    ref = None if ref_params is None else sequence_logprobs(
-        cfg, ref_params, *args, completion_len=N, temperature=temperature, entropy=False)[0]
+    ref = None if ref_params is None else ref_fn(ref_params, batch)
     return old, ref, sampled
 
+  ref_fn = make_ref_logprob_fn(cfg, temperature)
   return logprob_fn
+
+
+def make_ref_logprob_fn(cfg: ModelConfig, temperature: float = 1.0) -> Callable:
+  """ref_fn(ref_params, batch) -> π_ref's log-probs [b, N] at the sampling temperature
+  (an on-policy step's only forward before its update)."""
+
+  def ref_fn(ref_params, batch: dict):
+    N = batch["mask"].shape[1]
+    return sequence_logprobs(cfg, ref_params, batch["tokens"], batch["positions"], batch["valid"],
+                             completion_len=N, temperature=temperature, entropy=False)[0]
+
+  return ref_fn
 
 
 # Jitted programs are shared by every GRPOStep built with the same model, loss and
@@ -267,12 +311,13 @@ def make_logprob_fn(cfg: ModelConfig, temperature: float = 1.0, top_p: float = 1
 @functools.lru_cache(maxsize=8)
 def _programs(cfg: ModelConfig, ocfg: optim.OptimConfig, temperature: float = 1.0,
               top_p: float = 1.0, top_k: int = 0):
-  """(optimizer, logprob_fn, copy); the log-probs follow the sampling settings."""
+  """(optimizer, logprob_fn, ref_fn, copy); the log-probs follow the sampling settings."""
   optimizer = optim.make_optimizer(ocfg)
   logprob_fn = jax.jit(make_logprob_fn(cfg, temperature, top_p, top_k))
+  ref_fn = jax.jit(make_ref_logprob_fn(cfg, temperature))
   # A real copy: params and ref_params must not share buffers when the state is donated.
   copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
-  return optimizer, logprob_fn, copy
+  return optimizer, logprob_fn, ref_fn, copy
 
 
 @functools.lru_cache(maxsize=8)
