@@ -52,10 +52,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
-from r1jax.parallel.mesh import BATCH
+from r1jax.parallel.mesh import batch_axes
 
 EXPERT = "expert"
 TENSOR = "tensor"
@@ -87,8 +86,7 @@ def per_device_rows(fn: Callable, mesh, rows: tuple, shared: tuple = ()):
   a plain call. For row-wise work GSPMD partitions badly: it all-gathers top_k's
   operand over the token axis (the router's [N, E] scores, 17.7 GB a device for
   one 671B minibatch)."""
-  batch = () if mesh is None else tuple(a for a in BATCH if a in mesh.axis_names)
-  n = int(np.prod([mesh.shape[a] for a in batch])) if batch else 1
+  batch, n = batch_axes(mesh)
   if n == 1 or rows[0].shape[0] % n:
     return fn(*rows, *shared)
   out_shape = jax.eval_shape(fn, *rows, *shared)
@@ -278,8 +276,7 @@ def ep_dispatch(routed: Routed, w: tuple, x_NxD, idx_NxK, gate_NxK, mesh, *,
   X = expert_axis_size(mesh)
   E, _, F = w[0].shape
   N = x_NxD.shape[0]
-  batch = tuple(a for a in BATCH if a in mesh.axis_names)
-  n_batch = int(np.prod([mesh.shape[a] for a in batch]))
+  batch, n_batch = batch_axes(mesh)
   tp = int(mesh.shape[TENSOR]) if TENSOR in mesh.axis_names else 1
   if E % X:
     raise ValueError(f"n_routed_experts={E} must be a multiple of the expert mesh axis ({X}); "

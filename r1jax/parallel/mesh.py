@@ -79,14 +79,20 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH, *([None] * (ndim - 1))))
 
 
+def batch_axes(mesh) -> tuple[tuple[str, ...], int]:
+  """(the batch axes `mesh` has, the devices they span); ((), 1) for no mesh."""
+  if mesh is None or mesh.empty:
+    return (), 1
+  axes = tuple(a for a in BATCH if a in mesh.axis_names)
+  return axes, int(np.prod([mesh.shape[a] for a in axes]))
+
+
 def shard_batch(x: jax.Array) -> jax.Array:
   """Pins x's leading (batch or token) axis to the batch axes of the ambient mesh
   (`jax.set_mesh`); a no-op without one or where the axis does not divide."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  axes = tuple(a for a in BATCH if a in mesh.axis_names)
-  if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])):
+  axes, n = batch_axes(mesh)
+  if not axes or x.shape[0] % n:
     return x
   return jax.lax.with_sharding_constraint(x, P(axes, *([None] * (x.ndim - 1))))
 
@@ -97,10 +103,9 @@ def shard_sequence(x: jax.Array) -> jax.Array:
   layer's saved input is 1/tensor of the sequence); `shard_batch` where the
   mesh has no tensor axis > 1 or the shape does not divide."""
   mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or "tensor" not in mesh.axis_names or mesh.shape["tensor"] == 1:
-    return shard_batch(x)
-  axes = tuple(a for a in BATCH if a in mesh.axis_names)
-  if x.shape[0] % int(np.prod([mesh.shape[a] for a in axes])) or x.shape[1] % mesh.shape["tensor"]:
+  axes, n = batch_axes(mesh)
+  tp = mesh.shape["tensor"] if axes and "tensor" in mesh.axis_names else 1
+  if tp == 1 or x.shape[0] % n or x.shape[1] % tp:
     return shard_batch(x)
   return jax.lax.with_sharding_constraint(x, P(axes, "tensor", *([None] * (x.ndim - 2))))
 

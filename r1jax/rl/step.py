@@ -408,11 +408,8 @@ class GRPOStep:
     metrics["zero_adv_group_frac"] = float(grpo.zero_advantage_fraction(adv_B, g.group_size))
 
     t0 = time.perf_counter()
-    if self.on_policy:
-      data, metrics_lp = self._reference_only(state, data, batch)
-    else:
-      data, metrics_lp = self._old_and_reference(state, data, batch)
-    metrics.update(metrics_lp)
+    phase = self._reference_only if self.on_policy else self._old_and_reference
+    metrics.update(phase(state, data, batch))
     t1 = time.perf_counter()
 
     # μ passes over shuffled minibatches.
@@ -455,19 +452,20 @@ class GRPOStep:
     return (g.num_iterations == 1 and g.n_minibatches == 1
             and g.top_k == 0 and g.top_p >= 1.0)
 
-  def _reference_only(self, state: RLState, data: dict, batch: dict) -> tuple[dict, dict]:
-    """The on-policy step's inputs: π_ref's log-probs (β > 0) and the sampler's."""
+  def _reference_only(self, state: RLState, data: dict, batch: dict) -> dict:
+    """Adds the on-policy update's inputs to `data`: π_ref's log-probs (β > 0) and
+    the sampler's. No metrics: the update computes the sampler checks."""
     data["sampler_logp"] = np.asarray(batch["sampler_logp"], np.float32)
     if state.ref_params is not None:
       chunk = self._put({k: data[k] for k in ("tokens", "positions", "valid", "mask")})
       ref = self._ref_fn(state.ref_params, chunk)
       data["ref_logp"] = np.concatenate(multihost.allgather([ref])).astype(np.float32)
-    return data, {}
+    return {}
 
-  def _old_and_reference(self, state: RLState, data: dict, batch: dict) -> tuple[dict, dict]:
-    """π_old (the trainer's recomputation) and π_ref, minibatch by minibatch, at the
-    sampling temperature; also π_old under the sampler's top-k/top-p cut, for the
-    sampler/trainer mismatch metrics and the TIS weights."""
+  def _old_and_reference(self, state: RLState, data: dict, batch: dict) -> dict:
+    """Adds to `data` π_old (the trainer's recomputation) and π_ref, minibatch by
+    minibatch, at the sampling temperature; also π_old under the sampler's
+    top-k/top-p cut, for the sampler/trainer mismatch metrics and the TIS weights."""
     g = self.gcfg
     b = g.minibatch_size
     metrics = {}
@@ -496,7 +494,7 @@ class GRPOStep:
       data["tis_weights"] = w_BxN.astype(np.float32)
       metrics["tis/capped_frac"] = float(np.sum((w_BxN >= g.tis_cap) & batch["mask"])
                                          / max(batch["mask"].sum(), 1))
-    return data, metrics
+    return metrics
 
   def _rollout_metrics(self, rounds: list[dict]) -> dict[str, float]:
     """Reward and length statistics over every completion sampled this step."""
