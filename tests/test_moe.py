@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from r1jax.model import ModelConfig, moe
-from r1jax.model.moe import (MoE, PATHS, block_layout, dense_reference, dropless_dispatch,
-                             expert_load, grouped_swiglu, moe_impl, route, routed_experts,
-                             sequence_balance_loss, update_router_bias)
+from r1jax.model.moe import (MoE, PATHS, block_layout, dense_reference, dispatch_layout,
+                             dropless_dispatch, expert_load, moe_impl, permute_rows, route,
+                             routed_experts, sequence_balance_loss, take_rows,
+                             update_router_bias)
 
 CFG = ModelConfig.tiny(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
                        n_activated_experts=2, route_scale=2.5)
@@ -92,11 +93,7 @@ def dispatch_case():
 
 
 def _ragged(x, experts, idx, w):
-  def fn(x_sorted, sizes):
-    g = jax.lax.ragged_dot(x_sorted, experts[0], sizes)
-    u = jax.lax.ragged_dot(x_sorted, experts[1], sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(g) * u, experts[2], sizes)
-  return dropless_dispatch(fn, x, idx, w, 8)
+  return dropless_dispatch(experts, x, idx, w, 8, "ragged_dot")
 
 
 def test_dropless_equals_dense_reference(dispatch_case):
@@ -134,25 +131,51 @@ def test_block_layout_round_trips_every_row():
     assert all(ends[g] - sizes[g] <= r < ends[g] for r in rows)
 
 
+@pytest.mark.parametrize("block", [0, 1, 4])
+def test_dispatch_layout_maps_are_inverse(block):
+  # 3 tokens × 2 choices over 4 experts; one choice is "no expert" (id 4).
+  idx = jnp.array([[2, 0], [2, 4], [1, 2]])
+  lay = dispatch_layout(idx, 4, block)
+  flat = np.asarray(idx).reshape(-1)
+  np.testing.assert_array_equal(lay.ok_M, flat < 4)
+  np.testing.assert_array_equal(lay.group_sizes, [1, 1, 3, 0])
+  read, valid, slot = map(np.asarray, (lay.read_P, lay.valid_P, lay.slot_M))
+  assert int(valid.sum()) == 5 and len(set(slot[flat < 4])) == 5
+  for m in np.flatnonzero(flat < 4):  # each row's slot reads that row back
+    assert valid[slot[m]] and read[slot[m]] == m
+  rows = read[valid]
+  assert list(flat[rows]) == sorted(flat[rows])  # slots in expert order
+  if block:  # every valid slot of a block holds its block's expert
+    for q, e in enumerate(np.asarray(lay.group_Q)):
+      assert (flat[read[q * block:(q + 1) * block][valid[q * block:(q + 1) * block]]] == e).all()
+
+
+def test_permute_rows_gradient_is_the_scatter_gradient():
+  # permute_rows' inverse-gather backward equals autodiff of the plain gather.
+  idx = jnp.array([[2, 0], [2, 4], [1, 2]])
+  lay = dispatch_layout(idx, 4, 4)
+  x = jax.random.normal(jax.random.key(0), (3, 5))
+  cot = jax.random.normal(jax.random.key(1), (lay.read_P.shape[0], 5))
+  args = (lay.read_P // 2, lay.valid_P)
+  inv = (lay.slot_M.reshape(3, 2), lay.ok_M.reshape(3, 2))
+  got = jax.grad(lambda x: jnp.sum(permute_rows(x, *args, *inv) * cot))(x)
+  want = jax.grad(lambda x: jnp.sum(take_rows(x, *args) * cot))(x)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 @pytest.mark.parametrize("impl,max_block", [("blocked", 1), ("blocked", 4), ("blocked", 128),
                                              ("sorted", 4), ("sorted", 128)])
 def test_grouped_matmul_equals_ragged_dot(dispatch_case, impl, max_block):
   x, experts, idx, w = dispatch_case
   cot = jax.random.normal(jax.random.key(9), x.shape)
-  sizes = jnp.array([3, 0, 9, 2, 0, 0, 5, 1])  # 4 trailing rows in no group
 
   def run(impl):
-    swiglu = lambda e, xs, s: grouped_swiglu(e, xs, s, impl, max_block)
-    loss = lambda x, e, w: jnp.sum(dropless_dispatch(
-        lambda xs, s: swiglu(e, xs, s), x, idx, w, 8) * cot)
-    return jax.jit(lambda x, e, w: (jax.value_and_grad(loss, argnums=(0, 1, 2))(x, e, w),
-                                    swiglu(e, x, sizes)))(x, experts, w)
+    loss = lambda x, e, w: jnp.sum(dropless_dispatch(e, x, idx, w, 8, impl, max_block) * cot)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, experts, w)
 
-  (v_b, g_b), y_b = run(impl)
-  (v_r, g_r), y_r = run("ragged_dot")
+  v_b, g_b = run(impl)
+  v_r, g_r = run("ragged_dot")
   np.testing.assert_allclose(v_b, v_r, rtol=1e-5)
-  np.testing.assert_allclose(y_b[:20], y_r[:20], atol=1e-5, rtol=1e-5)
-  np.testing.assert_array_equal(y_b[20:], 0)
   for g, r in zip(jax.tree.leaves(g_b), jax.tree.leaves(g_r)):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5)
 
@@ -232,7 +255,7 @@ def test_auto_rule():
   cfg = ModelConfig.tiny(n_routed_experts=16, n_activated_experts=4, d_model=512, moe_d_ff=256)
   assert moe_impl(cfg, 4, "cpu") == "gather"  # decode: 16 choices ≤ 16 experts
   assert moe_impl(cfg, 4, "gpu") == "gather"
-  assert moe_impl(cfg, 2048, "cpu") == "blocked"
+  assert moe_impl(cfg, 2048, "cpu") == "sorted"
   assert moe_impl(cfg, 2048, "accelerator") == "ragged_dot"
   # Expert parallelism: 2 local experts, one choice per received row.
   assert moe_impl(cfg, 2, "tpu", n_experts=2, top_k=1) == "gather"

@@ -80,6 +80,11 @@ class ModelConfig:
   dtype: str = "float32"  # activations / compute
   param_dtype: str = "float32"
   remat: bool = False
+  # Layer stacks: lax.scan's unroll factor for each stack (1 = a rolled loop,
+  # the stack's length = straight-line code); 0 = "auto"
+  # (transformer.stack_unroll: XLA:CPU unrolls stacks of up to 8 layers, where a
+  # rolled loop's per-layer slicing and stacking measured 25% of a train step).
+  scan_unroll: int = 0
   # Sequence parallelism (training form, under a mesh whose tensor axis is > 1):
   # between blocks the residual stream is split over `tensor` along the sequence;
   # each sublayer gathers its normed input and scatters its output. Results do
@@ -112,6 +117,8 @@ class ModelConfig:
     if self.grouped_matmul not in ("auto", "gather", "dense", "sorted", "blocked", "ragged_dot"):
       problems.append("grouped_matmul must be 'auto', 'gather', 'dense', 'sorted', 'blocked' "
                       f"or 'ragged_dot', got {self.grouped_matmul!r}")
+    if self.scan_unroll < 0:
+      problems.append(f"scan_unroll must be >= 0 (0: auto), got {self.scan_unroll}")
     if self.gmm_block_size < 1:
       problems.append("gmm_block_size must be >= 1")
     if self.ep_exchange not in ("auto", "all_to_all", "ragged_all_to_all"):

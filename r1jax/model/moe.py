@@ -11,9 +11,9 @@ gradient: after each step b_i += γ·sign(mean_load − load_i).
 Dispatch is dropless. `moe_impl` (the one "auto" rule) picks the routed-expert
 path from the token count, expert count, top-k and backend: a per-token weight
 gather for decode, a sorted grouped matmul for training (`jax.lax.ragged_dot` on
-GPU/TPU; on XLA:CPU a batched einsum over blocks of one expert's rows);
-"sorted" (a scan over those blocks) and "dense" (all experts) are selectable,
-and `cfg.grouped_matmul` overrides the rule. Under an ambient mesh
+GPU/TPU; on XLA:CPU a scan over blocks of one expert's rows); "blocked" (the
+blocks as one batched einsum over weight copies) and "dense" (all experts) are
+selectable, and `cfg.grouped_matmul` overrides the rule. Under an ambient mesh
 (`jax.set_mesh`) whose `expert` axis is > 1 the routed experts run
 expert-parallel (r1jax/parallel/expert_parallel.py), each device's local
 experts by the same rule. `dense_reference` computes every expert for every
@@ -21,12 +21,14 @@ token, for tests only.
 
 Glossary: N tokens, D d_model, E routed experts, K experts per token,
 G expert groups (routing) or groups of rows (grouped matmul), F expert hidden
-size, B batch, T sequence, M sorted rows, P padded rows, Q blocks, b block rows.
+size, B batch, T sequence, M (token, choice) rows, P expert-sorted slots, Q blocks,
+b block rows.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -119,14 +121,18 @@ class Experts(nn.Module):
 #   "dense"       every expert on every token as three plain matmuls over
 #                 [D, E·F], the combine weights folded into the hidden units
 #                 (E/K times the useful FLOPs, but no sort, gather or scatter).
-#   "blocked"     rows sorted by expert, each expert's run padded to blocks of
-#                 ≤ gmm_block_size rows, one batched einsum over per-block
-#                 copies of the weights (XLA:CPU).
-#   "sorted"      the same layout, a scan over the blocks reading each expert's
-#                 weights in place (no weight copies; serial steps).
-#   "ragged_dot"  `jax.lax.ragged_dot` (GPU/TPU; XLA:CPU does G full matmuls).
+#   "sorted"      rows sorted by expert, each expert's run padded to blocks of
+#                 ≤ gmm_block_size rows, a scan over the blocks reading each
+#                 expert's weights in place (XLA:CPU).
+#   "blocked"     the same blocks as one batched einsum over per-block copies
+#                 of the weights.
+#   "ragged_dot"  `jax.lax.ragged_dot` on the sorted rows, unpadded (GPU/TPU;
+#                 XLA:CPU does G full matmuls).
 #
-# Row permutations are masked gathers (`take_rows`) and one scatter back.
+# The grouped paths move rows with gathers only (`permute_rows`: its gradient is
+# the inverse gather, never a scatter, which XLA:CPU runs serially) and fold
+# each row's combine weight into its hidden units, so the way back is one
+# gather and a sum over the K choices.
 
 PATHS = ("gather", "dense", "sorted", "blocked", "ragged_dot")
 
@@ -138,11 +144,10 @@ def moe_impl(cfg: ModelConfig, n_tokens: int, backend: str | None = None,
   backend: "cpu", "gpu", "tpu" or "accelerator" (None: jax.default_backend()).
   n_experts / top_k default to the config's (expert parallelism passes its
   local experts and per-row choices). An explicit `cfg.grouped_matmul` wins.
-  XLA:CPU, fwd+bwd of the routed experts, 2048 tokens, process CPU seconds
-  (the 2 cores were shared): tiny (D 64, F 32, E 8, K 2) blocked 0.012 <
-  sorted 0.015 < dense 0.020 < ragged_dot 0.16; medium (D 512, F 256, E 16,
-  K 4) blocked 1.1-1.3 ≈ sorted 1.1-1.3 < dense 2.5. Decode (N·K ≤ E) reads the
-  fewest weights by gather.
+  XLA:CPU, fwd+bwd of the routed experts of `bench.peer` (D 256, F 128, E 16,
+  K 4), 2048 tokens, median ms: sorted 133-161 < blocked 179-211 < dense ~480;
+  ragged_dot does G full matmuls there. Decode (N·K ≤ E) reads the fewest
+  weights by gather.
   """
   if cfg.grouped_matmul != "auto":
     return cfg.grouped_matmul
@@ -151,7 +156,7 @@ def moe_impl(cfg: ModelConfig, n_tokens: int, backend: str | None = None,
   K = top_k or cfg.n_activated_experts
   if n_tokens * K <= E:
     return "gather"
-  return "blocked" if backend == "cpu" else "ragged_dot"
+  return "sorted" if backend == "cpu" else "ragged_dot"
 
 
 def exchange_impl(exchange: str, backend: str | None = None) -> str:
@@ -165,6 +170,31 @@ def exchange_impl(exchange: str, backend: str | None = None) -> str:
 def take_rows(a_AxD, idx_B, ok_B):
   """a[idx_b], 0 where not ok_b (a plain gather; its gradient is a scatter-add)."""
   return jnp.where(ok_B[:, None], a_AxD[idx_B], 0)
+
+
+@jax.custom_vjp
+def permute_rows(a_AxD, idx_B, ok_B, inv_AxJ, inv_ok_AxJ):
+  """b[i] = a[idx_i] where ok_i, else 0; its gradient gathers back by the inverse map.
+
+  The caller guarantees the maps are inverse: the slots i with ok_i and
+  idx_i = r are exactly {inv[r, j] : inv_ok[r, j]}. Then
+  da[r] = Σ_j db[inv[r, j]] over inv_ok[r, j]: a gather and a sum, no scatter.
+  """
+  return take_rows(a_AxD, idx_B, ok_B)
+
+
+def _permute_fwd(a_AxD, idx_B, ok_B, inv_AxJ, inv_ok_AxJ):
+  return take_rows(a_AxD, idx_B, ok_B), (idx_B, ok_B, inv_AxJ, inv_ok_AxJ)
+
+
+def _permute_bwd(res, db_BxD):
+  idx_B, ok_B, inv_AxJ, inv_ok_AxJ = res
+  A, J = inv_AxJ.shape
+  da_AxJxD = take_rows(db_BxD, inv_AxJ.reshape(-1), inv_ok_AxJ.reshape(-1)).reshape(A, J, -1)
+  return da_AxJxD.sum(1), None, None, None, None
+
+
+permute_rows.defvjp(_permute_fwd, _permute_bwd)
 
 
 def gather_experts(w: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int):
@@ -187,8 +217,10 @@ def dense_experts(w: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int):
 
 
 # ----------------------------------------------------------------------------
-# Grouped matmuls: rows sorted by expert, group_sizes rows per expert. Rows past
-# sum(group_sizes) belong to no expert (zeros, or unspecified for ragged_dot).
+# Grouped matmuls over a dispatch layout: the M = N·K (token, choice) rows
+# sorted by expert into P slots, either packed (P = M, group_sizes rows per
+# expert: ragged_dot) or with each expert's run padded to whole blocks of b rows
+# (block q belongs to expert group_Q[q]: sorted, blocked).
 
 def block_rows(n_rows: int, n_groups: int, max_block: int) -> int:
   """Rows per block: the power of two (≥ 8) nearest above the mean group size,
@@ -231,78 +263,109 @@ def block_layout(group_sizes_G: jnp.ndarray, n_rows: int, block: int):
   return src_P, valid_P, dst_M, row_ok_M, group_Q
 
 
-def _to_blocks(x_sorted_MxD, group_sizes_G, block: int):
-  """(x_QxbxD padded blocks, group_Q, back-to-rows fn)."""
-  M, D = x_sorted_MxD.shape
-  src_P, valid_P, dst_M, row_ok_M, group_Q = block_layout(group_sizes_G, M, block)
-  x_PxD = take_rows(x_sorted_MxD, src_P, valid_P)
-  back = lambda y_QxbxD: take_rows(y_QxbxD.reshape(-1, D), dst_M, row_ok_M)
-  return x_PxD.reshape(-1, block, D), group_Q, back
+class Layout(NamedTuple):
+  """Where the M (token, choice) rows sit among P expert-sorted slots.
+
+  read_P: the flat row m = n·K + k slot p holds; valid_P: slot p holds a row;
+  slot_M: the slot of row m; ok_M: row m goes to an expert (id < E);
+  group_sizes: rows per expert; group_Q: the expert of each block (blocks only);
+  block: rows per block (0: packed).
+  """
+  read_P: jnp.ndarray
+  valid_P: jnp.ndarray
+  slot_M: jnp.ndarray
+  ok_M: jnp.ndarray
+  group_sizes: jnp.ndarray
+  group_Q: jnp.ndarray | None
+  block: int
 
 
-def sorted_swiglu(w: tuple, x_sorted_MxD, group_sizes_G, max_block: int):
+def dispatch_layout(idx_NxK, n_experts: int, block: int = 0) -> Layout:
+  """Sorts the (token, choice) rows by expert id (stable); ids ≥ n_experts sort last
+  and get no slot. block > 0 pads each expert's run to whole blocks (static
+  worst case M + E·(b−1) slots)."""
+  flat_e_M = idx_NxK.reshape(-1)
+  M = flat_e_M.shape[0]
+  ok_M = flat_e_M < n_experts
+  order_M = jnp.argsort(flat_e_M, stable=True)  # sorted position -> row
+  rank_M = jnp.zeros((M,), jnp.int32).at[order_M].set(jnp.arange(M, dtype=jnp.int32))
+  sizes_E = jnp.zeros((n_experts,), jnp.int32).at[flat_e_M].add(1, mode="drop")
+  if not block:
+    return Layout(order_M, ok_M[order_M], rank_M, ok_M, sizes_E, None, 0)
+  src_P, valid_P, dst_M, _, group_Q = block_layout(sizes_E, M, block)
+  return Layout(order_M[src_P], valid_P, dst_M[rank_M], ok_M, sizes_E, group_Q, block)
+
+
+def sorted_swiglu(w: tuple, x_PxD, gate_P, lay: Layout):
   """A scan over blocks of one expert's rows, each reading its weights in place."""
   wi_gate, wi_up, wo = w
-  b = block_rows(x_sorted_MxD.shape[0], wi_gate.shape[0], max_block)
-  x_QxbxD, group_Q, back = _to_blocks(x_sorted_MxD, group_sizes_G, b)
+  b, D = lay.block, x_PxD.shape[1]
 
   # Saving only the matmul outputs keeps the backward from storing each block's
   # slice of the weights (Q copies of an expert's weights: the "blocked" cost).
   @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-  def block(x_bxD, e):
-    h_bxF = nn.silu(x_bxD @ wi_gate[e]) * (x_bxD @ wi_up[e])
+  def block(x_bxD, g_b, e):
+    h_bxF = nn.silu(x_bxD @ wi_gate[e]) * (x_bxD @ wi_up[e]) * g_b[:, None]
     return h_bxF @ wo[e]
 
   # (a lax.cond skipping unused blocks measured 2× slower)
-  _, y_QxbxD = jax.lax.scan(lambda _, inp: (None, block(*inp)), None, (x_QxbxD, group_Q))
-  return back(y_QxbxD)
+  xs = (x_PxD.reshape(-1, b, D), gate_P.reshape(-1, b), lay.group_Q)
+  _, y_QxbxD = jax.lax.scan(lambda _, inp: (None, block(*inp)), None, xs)
+  return y_QxbxD.reshape(-1, D)
 
 
-def blocked_swiglu(w: tuple, x_sorted_MxD, group_sizes_G, max_block: int):
+def blocked_swiglu(w: tuple, x_PxD, gate_P, lay: Layout):
   """One batched einsum over blocks, each block with a copy of its expert's weights."""
   wi_gate, wi_up, wo = w
-  b = block_rows(x_sorted_MxD.shape[0], wi_gate.shape[0], max_block)
-  x_QxbxD, group_Q, back = _to_blocks(x_sorted_MxD, group_sizes_G, b)
-  gate_QxbxF = jnp.einsum("qbd,qdf->qbf", x_QxbxD, wi_gate[group_Q])
-  up_QxbxF = jnp.einsum("qbd,qdf->qbf", x_QxbxD, wi_up[group_Q])
-  return back(jnp.einsum("qbf,qfd->qbd", nn.silu(gate_QxbxF) * up_QxbxF, wo[group_Q]))
+  b, D = lay.block, x_PxD.shape[1]
+  x_QxbxD, q = x_PxD.reshape(-1, b, D), lay.group_Q
+  h_QxbxF = nn.silu(jnp.einsum("qbd,qdf->qbf", x_QxbxD, wi_gate[q])) * jnp.einsum(
+      "qbd,qdf->qbf", x_QxbxD, wi_up[q])
+  h_QxbxF = h_QxbxF * gate_P.reshape(-1, b, 1)
+  return jnp.einsum("qbf,qfd->qbd", h_QxbxF, wo[q]).reshape(-1, D)
 
 
-def ragged_swiglu(w: tuple, x_sorted_MxD, group_sizes_G, max_block: int = 0):
+def ragged_swiglu(w: tuple, x_MxD, gate_M, lay: Layout):
   wi_gate, wi_up, wo = w
-  gate_MxF = jax.lax.ragged_dot(x_sorted_MxD, wi_gate, group_sizes_G)
-  up_MxF = jax.lax.ragged_dot(x_sorted_MxD, wi_up, group_sizes_G)
-  return jax.lax.ragged_dot(nn.silu(gate_MxF) * up_MxF, wo, group_sizes_G)
+  sizes = lay.group_sizes
+  h_MxF = nn.silu(jax.lax.ragged_dot(x_MxD, wi_gate, sizes)) * jax.lax.ragged_dot(
+      x_MxD, wi_up, sizes)
+  return jax.lax.ragged_dot(h_MxF * gate_M[:, None], wo, sizes)
 
 
 GROUPED = {"sorted": sorted_swiglu, "blocked": blocked_swiglu, "ragged_dot": ragged_swiglu}
 
 
-def grouped_swiglu(w: tuple, x_sorted_MxD, group_sizes_G, impl: str, max_block: int = 128):
-  """Σ over groups of SwiGLU_g(rows of group g); `impl` is a key of GROUPED."""
+def grouped_swiglu(w: tuple, x_PxD, gate_P, lay: Layout, impl: str):
+  """Per slot p: gate_p · SwiGLU_{expert of p}(x_p) for a layout's slots; `impl` is a
+  key of GROUPED ("ragged_dot" takes a packed layout, the others a blocked one).
+  Slots past Σ sizes are unspecified under ragged_dot: callers mask them."""
   if impl not in GROUPED:
     raise ValueError(f"grouped_matmul must be one of {tuple(GROUPED)} here, got {impl!r}")
-  x = x_sorted_MxD.astype(w[0].dtype)
-  return GROUPED[impl](w, x, group_sizes_G.astype(jnp.int32), max_block)
+  if (impl == "ragged_dot") != (lay.block == 0):
+    raise ValueError(f"grouped_matmul {impl!r} got a layout with block={lay.block}")
+  return GROUPED[impl](w, x_PxD.astype(w[0].dtype), gate_P.astype(w[0].dtype), lay)
 
 
-def dropless_dispatch(experts_fn, x_NxD, idx_NxK, weights_NxK, n_experts: int):
-  """Σ_k weight_k · expert_{idx_k}(x) with a sort + grouped matmul; no token dropped.
+def dropless_dispatch(w: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int, impl: str,
+                      max_block: int = 128):
+  """Σ_k gate_k · expert_{idx_k}(x) with a sort + grouped matmul; no token dropped.
 
-  `experts_fn(x_sorted, group_sizes)`; ids ≥ n_experts sort last and add nothing.
+  Ids ≥ n_experts add nothing. Rows move by `permute_rows` (gathers both ways).
   """
   N, K = idx_NxK.shape
-  flat_e_M = idx_NxK.reshape(-1)
-  ok_M = flat_e_M < n_experts
-  order_M = jnp.argsort(flat_e_M, stable=True)
-  group_sizes_E = jnp.zeros((n_experts,), jnp.int32).at[flat_e_M].add(1, mode="drop")
-  x_sorted_MxD = take_rows(x_NxD, order_M // K, ok_M[order_M])
-  y_sorted_MxD = experts_fn(x_sorted_MxD, group_sizes_E)
-  y_MxD = jnp.zeros_like(y_sorted_MxD).at[order_M].set(y_sorted_MxD)
-  # Rows past Σ sizes (ids ≥ n_experts) are unspecified under ragged_dot: add nothing.
-  y_MxD = jnp.where(ok_M[:, None], y_MxD, 0)
-  y_NxKxD = y_MxD.reshape(N, K, -1)
-  return jnp.einsum("nkd,nk->nd", y_NxKxD, weights_NxK.astype(y_NxKxD.dtype))
+  b = 0 if impl == "ragged_dot" else block_rows(N * K, n_experts, max_block)
+  lay = dispatch_layout(idx_NxK, n_experts, b)
+  slot_NxK, ok_NxK = lay.slot_M.reshape(N, K), lay.ok_M.reshape(N, K)
+  x_PxD = permute_rows(x_NxD, lay.read_P // K, lay.valid_P, slot_NxK, ok_NxK)
+  back = (lay.read_P[:, None], lay.valid_P[:, None])
+  gate_P = permute_rows(gate_NxK.reshape(-1, 1), lay.read_P, lay.valid_P,
+                        lay.slot_M[:, None], lay.ok_M[:, None])[:, 0]
+  y_PxD = grouped_swiglu(w, x_PxD, gate_P, lay, impl)
+  # Slots with no row hold gate 0 (blocks) or unspecified rows (ragged_dot); the
+  # way back reads only the rows' own slots.
+  y_MxD = permute_rows(y_PxD, lay.slot_M, lay.ok_M, *back)
+  return y_MxD.reshape(N, K, -1).sum(1)
 
 
 def routed_experts(cfg: ModelConfig, w: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int):
@@ -317,8 +380,7 @@ def routed_experts(cfg: ModelConfig, w: tuple, x_NxD, idx_NxK, gate_NxK, n_exper
     return dense_experts(w, x, idx_NxK, gate, n_experts)
   if impl not in GROUPED:
     raise ValueError(f"grouped_matmul must be 'auto' or one of {PATHS}, got {impl!r}")
-  swiglu = functools.partial(GROUPED[impl], w, max_block=cfg.gmm_block_size)
-  return dropless_dispatch(lambda xs, s: swiglu(xs, s), x, idx_NxK, gate, n_experts)
+  return dropless_dispatch(w, x, idx_NxK, gate, n_experts, impl, cfg.gmm_block_size)
 
 
 def dense_reference(experts: tuple, x_NxD, idx_NxK, weights_NxK, n_experts: int):

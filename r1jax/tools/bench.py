@@ -77,14 +77,17 @@ CONFIGS: dict[str, Callable[..., ModelConfig]] = {
 
 
 def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
-  """(first call seconds, mean seconds of `repeats` later calls), results awaited."""
+  """(first call seconds, median seconds of `repeats` later calls), results awaited.
+  The median, not the mean: on a shared 2-core VM single calls vary by ±20%."""
   t0 = time.perf_counter()
   jax.block_until_ready(fn())
   first = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  times = []
   for _ in range(repeats):
+    t0 = time.perf_counter()
     jax.block_until_ready(fn())
-  return first, (time.perf_counter() - t0) / repeats
+    times.append(time.perf_counter() - t0)
+  return first, float(np.median(times))
 
 
 # ----------------------------------------------------------------------------
@@ -100,8 +103,8 @@ def matmul_flops_per_s(n: int, dtype, repeats: int = 5) -> float:
   a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   b = jax.random.normal(jax.random.key(1), (n, n), dtype)
   mm = jax.jit(jnp.matmul)
-  _, mean = _timed(lambda: mm(a, b), repeats)
-  return 2 * n ** 3 / mean
+  _, sec = _timed(lambda: mm(a, b), repeats)
+  return 2 * n ** 3 / sec
 
 
 def _roof(args: argparse.Namespace, cfg: ModelConfig) -> dict:
@@ -115,7 +118,7 @@ def _roof(args: argparse.Namespace, cfg: ModelConfig) -> dict:
 def _train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--roof_size", type=int, default=2048, help="matmul size of the MFU roof")
   _peer_flags(p)
 
@@ -152,11 +155,11 @@ def _train(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     return m["loss"]
 
   with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    first, mean = _timed(run, args.repeats)
-  tokens_per_s = B * T / mean
+    first, sec = _timed(run, args.repeats)
+  tokens_per_s = B * T / sec
   flops = train_flops_per_token(cfg, T)
   roof = matmul_flops_per_s(args.roof_size, jnp.dtype(cfg.dtype))
-  out = {"batch": B, "seq": T, "step_s": round(mean, 4), "compile_s": round(first - mean, 2),
+  out = {"batch": B, "seq": T, "step_s": round(sec, 4), "compile_s": round(first - sec, 2),
          "tokens_per_s": round(tokens_per_s, 1),
          "model_tflops_per_s": round(tokens_per_s * flops / 1e12, 4),
          "roof_tflops": round(roof / 1e12, 4),
@@ -165,7 +168,7 @@ def _train(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     # The peer starts from the same weights: ours before any update.
     params0 = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     out.update(_compare(args, cfg, params0, "train", tokens,
-                        _forward_logits(cfg)(params0, tokens), mean, repeats=args.repeats,
+                        _forward_logits(cfg)(params0, tokens), sec, repeats=args.repeats,
                         lr=ocfg.learning_rate))
   return out
 
@@ -217,7 +220,7 @@ def _forward_logits(cfg: ModelConfig):
 def _forward_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
-  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--repeats", type=int, default=5)
   _peer_flags(p)
 
 
@@ -226,11 +229,11 @@ def _forward(args: argparse.Namespace, cfg: ModelConfig) -> dict:
   B, T = args.batch, args.seq
   tokens = jax.random.randint(jax.random.key(1), (B, T), 3, cfg.vocab_size, jnp.int32)
   fwd = _forward_logits(cfg)
-  first, mean = _timed(lambda: fwd(params, tokens), args.repeats)
-  out = {"batch": B, "seq": T, "step_s": round(mean, 4), "compile_s": round(first - mean, 2),
-         "tokens_per_s": round(B * T / mean, 1)}
+  first, sec = _timed(lambda: fwd(params, tokens), args.repeats)
+  out = {"batch": B, "seq": T, "step_s": round(sec, 4), "compile_s": round(first - sec, 2),
+         "tokens_per_s": round(B * T / sec, 1)}
   if args.compare_hf:
-    out.update(_compare(args, cfg, params, "forward", tokens, fwd(params, tokens), mean,
+    out.update(_compare(args, cfg, params, "forward", tokens, fwd(params, tokens), sec,
                         repeats=args.repeats))
   return out
 
@@ -425,12 +428,12 @@ def _moe(args: argparse.Namespace, cfg: ModelConfig) -> dict:
                         argnums=(0, 1))(p, x)
 
       with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        first, mean = _timed(lambda: fwd_bwd(params, x), args.repeats)
+        first, sec = _timed(lambda: fwd_bwd(params, x), args.repeats)
       # Useful work: K experts per token, 3 matmuls, ×3 for forward + backward.
       flops = 2 * 3 * 3 * args.tokens * args.top_k * c.d_model * c.moe_d_ff
-      rows.append({"experts": E, "impl": impl, "fwd_bwd_s": round(mean, 4),
-                   "compile_s": round(first - mean, 2),
-                   "routed_gflops_per_s": round(flops / mean / 1e9, 2)})
+      rows.append({"experts": E, "impl": impl, "fwd_bwd_s": round(sec, 4),
+                   "compile_s": round(first - sec, 2),
+                   "routed_gflops_per_s": round(flops / sec / 1e9, 2)})
   by = {(r["experts"], r["impl"]): r["fwd_bwd_s"] for r in rows}
   speedup = {str(E): round(by[(E, "ragged_dot")] / by[(E, "blocked")], 2)
              for (E, impl) in by if impl == "blocked" and (E, "ragged_dot") in by}

@@ -147,13 +147,17 @@ def _load_model(path: str):
 
 
 def _time(fn, repeats: int) -> tuple[float, float]:
+  """(first call seconds, median of `repeats` later calls), as bench._timed."""
+  import numpy as np
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  times = []
   for _ in range(repeats):
+    t0 = time.perf_counter()
     fn()
-  return first, (time.perf_counter() - t0) / repeats
+    times.append(time.perf_counter() - t0)
+  return first, float(np.median(times))
 
 
 def _peer_forward(job_dir: str, spec: dict) -> dict:

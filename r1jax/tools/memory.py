@@ -101,7 +101,7 @@ def _resolve(cfg: ModelConfig, backend: str) -> tuple[str, str]:
   """(grouped matmul, expert exchange) the model will use on `backend` ("cpu" or "accelerator")."""
   gmm = cfg.grouped_matmul
   if gmm == "auto":
-    gmm = "blocked" if backend == "cpu" else "ragged_dot"
+    gmm = "sorted" if backend == "cpu" else "ragged_dot"
   exchange = cfg.ep_exchange
   if exchange == "auto":
     exchange = "all_to_all" if backend == "cpu" else "ragged_all_to_all"
