@@ -22,9 +22,10 @@ Compiles run on N forced CPU devices in a child process (XLA_FLAGS must be set
 before jax is imported); r1jax/tools/plan.py starts it. XLA:CPU compiles the
 CPU forms of backend-dependent kernels (attention "auto": blocked at long
 sequences). grouped_matmul "auto" compiles as "sorted", XLA:CPU's grouped
-matmul without weight copies, whose buffers are those of a GPU/TPU's
-ragged_dot ("blocked", the CPU's fastest, copies an expert's weights per block
-of rows); --grouped_matmul overrides it.
+matmul without weight copies (and the CPU's default), whose buffers are those
+of a GPU/TPU's ragged_dot ("blocked" copies an expert's weights per block of
+rows); --grouped_matmul overrides it. Layer stacks compile as the rolled loops
+an accelerator runs (scan_unroll "auto" would unroll short stacks on CPU).
 """
 
 from __future__ import annotations
@@ -295,8 +296,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.n_layers:
       prog = dataclasses.replace(prog, cfg=cut_model(prog.cfg, args.n_layers))
     gmm = args.grouped_matmul or ("sorted" if prog.cfg.grouped_matmul == "auto" else None)
-    if gmm:  # "auto" would compile XLA:CPU's "blocked" form, with its per-block weight copies
+    if gmm:  # a GPU/TPU's buffers: ragged_dot's are those of "sorted"
       prog = dataclasses.replace(prog, cfg=prog.cfg.replace(grouped_matmul=gmm))
+    if not prog.cfg.scan_unroll:  # as an accelerator runs the stacks: rolled loops
+      prog = dataclasses.replace(prog, cfg=prog.cfg.replace(scan_unroll=1))
     try:
       out = compile_program(prog, mesh, args.cpu_licm)
     except ValueError as e:

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--compile_layers", type=int, help="compile the model cut to this many "
                       "layers (1 dense + MoE); default all")
   parser.add_argument("--grouped_matmul", help="with --compile: override the model's "
-                      "grouped_matmul (e.g. blocked, the XLA:CPU form of ragged_dot)")
+                      "grouped_matmul (default: sorted, whose buffers are ragged_dot's)")
   parser.add_argument("--cpu_licm", action="store_true", help="with --compile: keep XLA:CPU's "
                       "loop-invariant code motion, which hoists f32 copies of whole bf16 "
                       "stacks that a GPU/TPU never makes (off by default)")
