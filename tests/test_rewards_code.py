@@ -16,6 +16,11 @@ from r1jax.rewards import code, extract_code, run_tests, sandbox_info
 from r1jax.rewards import sandbox as sb
 from tests.sandbox_programs import ATTACKS, BOTH_KINDS, VALUE_ONLY
 
+# Sandbox runs are checked for leftover processes system-wide (any sandbox uid):
+# one xdist worker runs them all, so no worker sees another's live sandbox.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
+
 LIMITS = sb.SandboxLimits(wall_s=2.0, cpu_s=2, memory_mb=256)
 # Every fork of this (JAX, multithreaded) test process that would run Python
 # in the child: os.fork() and subprocess's preexec_fn path run this hook. The

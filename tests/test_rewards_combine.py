@@ -12,6 +12,11 @@ import pytest
 from r1jax.rewards import BOUNDS, REWARDS, RewardEvaluator, RewardSpec, make_reward_fn
 from r1jax.rewards import sandbox as sb
 
+# Sandbox runs are checked for leftover processes system-wide (any sandbox uid):
+# one xdist worker runs them all, so no worker sees another's live sandbox.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
+
 GOOD = "<think>add them</think>\nThe answer is \\boxed{3}."
 EXAMPLE = {"answer": "3", "language": "en"}
 # sympy evaluates this power tower eagerly, in C: only killing the worker stops it.

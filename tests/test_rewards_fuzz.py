@@ -11,11 +11,17 @@ import os
 import random
 import time
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from r1jax.data.tasks import arithmetic, countdown, read_code, read_math
 from r1jax.rewards import REWARDS, RewardTerm
 from r1jax.rewards import sandbox as sb
+
+# Sandbox runs are checked for leftover processes system-wide (any sandbox uid):
+# one xdist worker runs them all, so no worker sees another's live sandbox.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 MATH_EXAMPLES = ([arithmetic.sample(random.Random(s), zh_fraction=0.5) for s in range(4)] +

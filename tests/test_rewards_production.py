@@ -26,6 +26,11 @@ from r1jax.rl import step as step_lib
 from r1jax.rl.step import GRPOConfig, GRPOStep
 from r1jax.train.optim import OptimConfig
 
+# Sandbox runs are checked for leftover processes system-wide (any sandbox uid):
+# one xdist worker runs them all, so no worker sees another's live sandbox.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
+
 G, Q, P, N = 2, 3, 16, 8
 PAD = 0
 GCFG = GRPOConfig(group_size=G, prompts_per_step=Q, max_prompt_len=P, max_new_tokens=N,

@@ -21,6 +21,11 @@ from r1jax.rewards import sandbox as sb
 from tests.sandbox_programs import ATTACKS as CLASSICS
 from tests.sandbox_programs import BOTH_KINDS
 
+# Sandbox runs are checked for leftover processes system-wide (any sandbox uid):
+# one xdist worker runs them all, so no worker sees another's live sandbox.
+pytestmark = pytest.mark.xdist_group("sandbox")
+
+
 _DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_attacks.py")
 NOBODY = 65534
 ATTACKS = ["fork_exec", "dir_fd_write", "dir_fd_proc_read", "ctypes_system", "ctypes_execve",
