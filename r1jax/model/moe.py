@@ -151,12 +151,20 @@ def moe_impl(cfg: ModelConfig, n_tokens: int, backend: str | None = None,
   """
   if cfg.grouped_matmul != "auto":
     return cfg.grouped_matmul
-  backend = backend or jax.default_backend()
   E = n_experts or cfg.n_routed_experts
   K = top_k or cfg.n_activated_experts
   if n_tokens * K <= E:
     return "gather"
-  return "sorted" if backend == "cpu" else "ragged_dot"
+  return grouped_impl(cfg, backend)
+
+
+def grouped_impl(cfg: ModelConfig, backend: str | None = None) -> str:
+  """The path for many tokens (what `moe_impl` picks past decode sizes, and what the
+  memory plan counts): cfg.grouped_matmul, or for "auto" "sorted" on XLA:CPU and
+  "ragged_dot" elsewhere."""
+  if cfg.grouped_matmul != "auto":
+    return cfg.grouped_matmul
+  return "sorted" if (backend or jax.default_backend()) == "cpu" else "ragged_dot"
 
 
 def exchange_impl(exchange: str, backend: str | None = None) -> str:

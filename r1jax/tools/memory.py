@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.model import ModelConfig, abstract_params, logical_axes
-from r1jax.model.moe import block_rows
+from r1jax.model.moe import block_rows, exchange_impl, grouped_impl
 from r1jax.parallel import mesh as mesh_lib
 
 # ----------------------------------------------------------------------------
@@ -98,14 +98,9 @@ def gathered_layer_bytes(cfg: ModelConfig, sizes: dict[str, int], stack: str) ->
 # Activations.
 
 def _resolve(cfg: ModelConfig, backend: str) -> tuple[str, str]:
-  """(grouped matmul, expert exchange) the model will use on `backend` ("cpu" or "accelerator")."""
-  gmm = cfg.grouped_matmul
-  if gmm == "auto":
-    gmm = "sorted" if backend == "cpu" else "ragged_dot"
-  exchange = cfg.ep_exchange
-  if exchange == "auto":
-    exchange = "all_to_all" if backend == "cpu" else "ragged_all_to_all"
-  return gmm, exchange
+  """(grouped matmul, expert exchange) the model will use on `backend` ("cpu" or
+  "accelerator"), by the model's own rules."""
+  return grouped_impl(cfg, backend), exchange_impl(cfg.ep_exchange, backend)
 
 
 def _gmm_rows(cfg: ModelConfig, rows: int, groups: int, gmm: str) -> int:
