@@ -186,8 +186,10 @@ def _peer_flags(p: argparse.ArgumentParser, flag: str = "--compare-hf") -> None:
 
 
 def _compare(args: argparse.Namespace, cfg: ModelConfig, params, job: str, tokens,
-             ours_logits, ours_s: float, ours_tokens=None, **spec) -> dict:
-  """Runs the peer `job` on our weights and inputs; parity first, then the timings."""
+             ours_logits, ours_s: float, ours_tokens=None, impl: str = "transformers",
+             **spec) -> dict:
+  """Runs the peer `job` on our weights and inputs; parity first, then the timings.
+  `impl` names the peer in the output (transformers, or TRL for grpo)."""
   import tempfile
 
   from r1jax.interop import hf
@@ -206,7 +208,7 @@ def _compare(args: argparse.Namespace, cfg: ModelConfig, params, job: str, token
     raise RuntimeError(f"{job}: the peer's logits differ from ours by {check['max_abs_diff']:.3g}"
                        f" > --parity_atol={args.parity_atol}; the two sides are not doing the "
                        "same work, so no timing is reported")
-  return {"peer": {"impl": "transformers", **peer}, "parity": check,
+  return {"peer": {"impl": impl, **peer}, "parity": check,
           "speedup": bench_peers.speedup(ours_s, peer["step_s"])}
 
 
@@ -373,26 +375,11 @@ def _grpo(args: argparse.Namespace, cfg: ModelConfig) -> dict:
 def _compare_trl(args: argparse.Namespace, cfg: ModelConfig, params, prompts: list,
                  ours_s: float) -> dict:
   """TRL's GRPOTrainer on our initial weights, the same prompts, settings and reward."""
-  import tempfile
-
-  from r1jax.interop import hf
-  from r1jax.tools import bench_peers
-  python = args.peer_python  # checked by check_compare
-  spec = dict(job="grpo", threads=args.peer_threads, prompts=prompts, group=args.group,
-              prompts_per_step=args.prompts, prompt_len=args.prompt, new=args.new,
-              beta=args.beta, lr=args.lr, steps=args.steps + 1, vocab_size=cfg.vocab_size)
-  with tempfile.TemporaryDirectory(prefix="r1jax-bench-grpo-") as d:
-    hf.save(os.path.join(d, "ckpt"), cfg, jax.device_get(params), dtype="float32")
-    tokens = np.asarray(prompts[:args.prompts], np.int32)
-    np.save(os.path.join(d, "tokens_in.npy"), tokens)
-    peer = bench_peers.run_peer(python, d, spec)
-    check = bench_peers.parity(_forward_logits(cfg)(params, tokens),
-                               np.load(os.path.join(d, "logits.npy")), args.parity_atol)
-  if not check["ok"]:
-    raise RuntimeError(f"grpo: the peer's logits differ from ours by {check['max_abs_diff']:.3g}"
-                       f" > --parity_atol={args.parity_atol}; not the same model")
-  return {"peer": {"impl": "trl", **peer}, "parity": check,
-          "speedup": bench_peers.speedup(ours_s, peer["step_s"])}
+  tokens = np.asarray(prompts[:args.prompts], np.int32)
+  return _compare(args, cfg, params, "grpo", tokens, _forward_logits(cfg)(params, tokens), ours_s,
+                  impl="trl", prompts=prompts, group=args.group, prompts_per_step=args.prompts,
+                  prompt_len=args.prompt, new=args.new, beta=args.beta, lr=args.lr,
+                  steps=args.steps + 1, vocab_size=cfg.vocab_size)
 
 
 # ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -148,7 +149,6 @@ def _load_model(path: str):
 
 def _time(fn, repeats: int) -> tuple[float, float]:
   """(first call seconds, median of `repeats` later calls), as bench._timed."""
-  import numpy as np
   t0 = time.perf_counter()
   fn()
   first = time.perf_counter() - t0
@@ -157,7 +157,7 @@ def _time(fn, repeats: int) -> tuple[float, float]:
     t0 = time.perf_counter()
     fn()
     times.append(time.perf_counter() - t0)
-  return first, float(np.median(times))
+  return first, statistics.median(times)
 
 
 def _peer_forward(job_dir: str, spec: dict) -> dict:
