@@ -22,6 +22,11 @@ from r1jax.train.optim import OptimConfig
 MODEL_PRESETS = {
     "tiny": ModelConfig.tiny,
     "deepseek_v3_671b": ModelConfig.deepseek_v3_671b,
+    # Dense GQA students (R1 distils into Qwen2.5 and Llama-3 bases).
+    "tiny_gqa": ModelConfig.tiny_gqa,
+    "qwen2_5_1_5b": ModelConfig.qwen2_5_1_5b,
+    "qwen2_5_7b": ModelConfig.qwen2_5_7b,
+    "llama3_1_8b": ModelConfig.llama3_1_8b,
 }
 
 

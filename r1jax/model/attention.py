@@ -5,7 +5,9 @@
 over key slots s ≤ q_start + t with valid[b,s]. A score is a sum of parts so the
 MLA forms need no concatenated copy: training uses (q_nope·k_nope per head) +
 (q_pe·k_pe shared); decode uses (q_lat·c_kv) + (q_pe·k_pe), both shared by all
-heads (multi-query attention). Each key part and v has G = 1 (shared) or H heads.
+heads (multi-query attention). Each key part and v has G heads, G dividing H:
+1 (shared), H, or GQA's kv heads (key head g serves query heads g·H/G ..
+(g+1)·H/G - 1, the Hugging Face layout), never repeated to H in memory.
 
 Kernels (`choose_attention` picks one):
   reference  materialised [B,H,T,S] f32 scores (the parity reference).
@@ -19,7 +21,7 @@ Fully masked query rows (left padding) give zero in "blocked", a uniform
 average in "reference"/"cudnn": callers must ignore pad rows either way.
 
 Glossary: B batch, T query tokens, S key slots, H query heads, G key/value
-heads (1 or H), E a query/key part's head dim, V value head dim.
+heads (dividing H), R = H/G, E a query/key part's head dim, V value head dim.
 """
 
 from __future__ import annotations
@@ -139,19 +141,44 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _qk(q_BxTxHxE, k_BxSxGxE, f32: bool):
-  """[B,H,T,S] dot products of one part; a G=1 key is shared by all heads."""
+  """[B,H,T,S] dot products of one part; key head g serves query heads
+  g·H/G .. (g+1)·H/G - 1 (a G=1 key is shared by all heads)."""
   kw = dict(preferred_element_type=jnp.float32) if f32 else {}
-  if k_BxSxGxE.shape[2] == 1:
+  B, T, H, E = q_BxTxHxE.shape
+  G = k_BxSxGxE.shape[2]
+  if G == 1:
     return jnp.einsum("bthe,bse->bhts", q_BxTxHxE, k_BxSxGxE[:, :, 0], **kw)
-  return jnp.einsum("bthe,bshe->bhts", q_BxTxHxE, k_BxSxGxE, **kw)
+  if G == H:
+    return jnp.einsum("bthe,bshe->bhts", q_BxTxHxE, k_BxSxGxE, **kw)
+  q_BxTxGxRxE = q_BxTxHxE.reshape(B, T, G, H // G, E)
+  s = jnp.einsum("btgre,bsge->bgrts", q_BxTxGxRxE, k_BxSxGxE, **kw)
+  return s.reshape(B, H, T, s.shape[-1])
 
 
 def _pv(p_BxHxTxS, v_BxSxGxV, f32: bool):
-  """[B,T,H,V] probability-weighted values."""
+  """[B,T,H,V] probability-weighted values (heads grouped as in `_qk`)."""
   kw = dict(preferred_element_type=jnp.float32) if f32 else {}
-  if v_BxSxGxV.shape[2] == 1:
+  B, H, T, S = p_BxHxTxS.shape
+  G = v_BxSxGxV.shape[2]
+  if G == 1:
     return jnp.einsum("bhts,bsv->bthv", p_BxHxTxS, v_BxSxGxV[:, :, 0], **kw)
-  return jnp.einsum("bhts,bshv->bthv", p_BxHxTxS, v_BxSxGxV, **kw)
+  if G == H:
+    return jnp.einsum("bhts,bshv->bthv", p_BxHxTxS, v_BxSxGxV, **kw)
+  out = jnp.einsum("bgrts,bsgv->btgrv", p_BxHxTxS.reshape(B, G, H // G, T, S), v_BxSxGxV, **kw)
+  return out.reshape(B, T, H, v_BxSxGxV.shape[3])
+
+
+def _ptx(p_BxHxTxS, x_BxTxHxE, G: int):
+  """[B,S,G,E] f32: Σ_t p[b,h,t,s]·x[b,t,h,e] summed over each key head's group
+  of query heads (the key and value gradients of the flash backward)."""
+  kw = dict(preferred_element_type=jnp.float32)
+  B, H, T, S = p_BxHxTxS.shape
+  if G == 1:
+    return jnp.einsum("bhts,bthe->bse", p_BxHxTxS, x_BxTxHxE, **kw)[:, :, None]
+  if G == H:
+    return jnp.einsum("bhts,bthe->bshe", p_BxHxTxS, x_BxTxHxE, **kw)
+  return jnp.einsum("bgrts,btgre->bsge", p_BxHxTxS.reshape(B, G, H // G, T, S),
+                    x_BxTxHxE.reshape(B, T, G, H // G, x_BxTxHxE.shape[3]), **kw)
 
 
 def _reference(q_parts, k_parts, v_BxSxGxV, q_start, valid_BxS, scale):
@@ -297,28 +324,13 @@ def _flash_bwd(scale, bq, bk, res, dout_BxTxHxV):
         mask = _block_mask(slot_q, slot_k, ok) & fresh_row[None, None, :, None]
         s = sum(_qk(q, k, f32=True) for q, k in zip(q_i, k_j)) * scale
         p = jnp.where(mask, jnp.exp(s - lse_i[..., None]), 0.0)
-        if v_j.shape[2] == 1:
-          dp = jnp.einsum("bthv,bsv->bhts", do_i, v_j[:, :, 0],
-                          preferred_element_type=jnp.float32)
-          dv_j = dv_j + jnp.einsum("bhts,bthv->bsv", p.astype(dt), do_i,
-                                   preferred_element_type=jnp.float32)[:, :, None]
-        else:
-          dp = jnp.einsum("bthv,bshv->bhts", do_i, v_j, preferred_element_type=jnp.float32)
-          dv_j = dv_j + jnp.einsum("bhts,bthv->bshv", p.astype(dt), do_i,
-                                   preferred_element_type=jnp.float32)
+        dp = _qk(do_i, v_j, f32=True)
+        dv_j = dv_j + _ptx(p.astype(dt), do_i, v_j.shape[2])
         ds = (p * (dp - d_i[..., None]) * scale).astype(dt)
         new_dks, new_dqs = [], []
         for q, k, dk, dq in zip(q_i, k_j, dks_j, dqs):
-          if k.shape[2] == 1:
-            dk = dk + jnp.einsum("bhts,bthe->bse", ds, q,
-                                 preferred_element_type=jnp.float32)[:, :, None]
-            dq_i = jnp.einsum("bhts,bse->bthe", ds, k[:, :, 0],
-                              preferred_element_type=jnp.float32)
-          else:
-            dk = dk + jnp.einsum("bhts,bthe->bshe", ds, q, preferred_element_type=jnp.float32)
-            dq_i = jnp.einsum("bhts,bshe->bthe", ds, k, preferred_element_type=jnp.float32)
-          new_dks.append(dk)
-          new_dqs.append(_add_at(dq, dq_i, q0, 1))
+          new_dks.append(dk + _ptx(ds, q, k.shape[2]))
+          new_dqs.append(_add_at(dq, _pv(ds, k, f32=True), q0, 1))
         return tuple(new_dqs), tuple(new_dks), dv_j
 
       return jax.lax.cond(j * bk > slot_q[-1], lambda c: c, update, c)
@@ -341,9 +353,9 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 # --- Backend kernels ---------------------------------------------------------------
 
 def _concat_heads(parts, G):
-  """One [.., G, ΣE] array from parts, broadcasting shared (G=1) parts to G."""
-  return jnp.concatenate(
-      [jnp.broadcast_to(p, p.shape[:2] + (G, p.shape[3])) for p in parts], axis=-1)
+  """One [.., G, ΣE] array from parts, each part's heads repeated to G (a part
+  with fewer heads serves consecutive groups of G/its heads, as in `_qk`)."""
+  return jnp.concatenate([jnp.repeat(p, G // p.shape[2], axis=2) for p in parts], axis=-1)
 
 
 def _pad_last(x, n):
@@ -406,7 +418,7 @@ def splash(q_parts, k_parts, v_BxSxGxV, valid_BxS, *, scale, interpret: bool = F
   seq = lambda x: jnp.pad(x, [(0, 0), (0, L - T)] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
   q_BxHxLxD = jnp.swapaxes(_pad_last(seq(jnp.concatenate(q_parts, -1) * scale), D), 1, 2)
   k_BxHxLxD = jnp.swapaxes(_pad_last(seq(_concat_heads(k_parts, H)), D), 1, 2)
-  v = jnp.broadcast_to(v_BxSxGxV, v_BxSxGxV.shape[:2] + (H, V))
+  v = jnp.repeat(v_BxSxGxV, H // v_BxSxGxV.shape[2], axis=2)
   v_BxHxLxV = jnp.swapaxes(_pad_last(seq(v), Dv), 1, 2)
   seg_BxL = jnp.pad(valid_BxS.astype(jnp.int32), [(0, 0), (0, L - T)], constant_values=2)
   kernel = _splash_kernel(H, L, interpret)

@@ -1,8 +1,11 @@
 """The model's typed configuration: DeepSeek-V3's own fields, frozen.
 
 Field names follow DeepSeek-V3's official inference config; the 671B values are
-in `ModelConfig.deepseek_v3_671b()`. Modules receive this dataclass, never the
-experiment's ConfigDict.
+in `ModelConfig.deepseek_v3_671b()`. The same dataclass describes the dense GQA
+students R1 distils into (Qwen2.5, Llama-3): `attention_kind="gqa"` with every
+layer dense (`n_dense_layers == n_layers`); the MLA and MoE fields are then
+unused and the presets set them to zero. Modules receive this dataclass, never
+the experiment's ConfigDict.
 """
 
 from __future__ import annotations
@@ -19,6 +22,13 @@ class ModelConfig:
   n_layers: int = 61
   n_dense_layers: int = 3
   n_heads: int = 128
+  # "mla": Multi-head Latent Attention (r1jax/model/mla.py); "gqa": grouped-query
+  # attention with n_kv_heads key/value heads of head_dim (r1jax/model/gqa.py),
+  # bias on the q/k/v projections when qkv_bias (Qwen2), none on the output.
+  attention_kind: Literal["mla", "gqa"] = "mla"
+  n_kv_heads: int = 0
+  head_dim: int = 0
+  qkv_bias: bool = False
   q_lora_rank: int = 1536  # 0: plain query projection, no compression
   kv_lora_rank: int = 512
   qk_nope_head_dim: int = 128
@@ -36,9 +46,14 @@ class ModelConfig:
   norm_topk_prob: bool = True
   rope_theta: float = 10000.0
   rope_interleaved: bool = True  # official checkpoints rotate adjacent pairs
-  # YaRN; rope_factor <= 1 disables it.
+  # Context extension of the rotary frequencies; rope_factor <= 1 disables it.
+  # "yarn" (DeepSeek-V3) uses beta_fast/beta_slow/mscale*, "llama3" (Llama-3.1)
+  # low/high_freq_factor; both use rope_factor and original_max_position.
+  rope_scaling: Literal["yarn", "llama3"] = "yarn"
   rope_factor: float = 40.0
   original_max_position: int = 4096
+  low_freq_factor: float = 1.0
+  high_freq_factor: float = 4.0
   beta_fast: float = 32.0
   beta_slow: float = 1.0
   mscale: float = 1.0
@@ -110,6 +125,18 @@ class ModelConfig:
     if self.n_expert_groups > 1 and self.n_routed_experts // self.n_expert_groups < 2:
       problems.append("group-limited routing needs at least 2 experts per group "
                       "(a group's score is the sum of its top-2)")
+    if self.attention_kind not in ("mla", "gqa"):
+      problems.append(f"attention_kind must be 'mla' or 'gqa', got {self.attention_kind!r}")
+    if self.attention_kind == "gqa":
+      if self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads:
+        problems.append(f"gqa needs n_kv_heads >= 1 dividing n_heads={self.n_heads}, "
+                        f"got n_kv_heads={self.n_kv_heads}")
+      if self.head_dim < 2 or self.head_dim % 2:
+        problems.append(f"gqa needs an even head_dim >= 2, got {self.head_dim}")
+    if self.rope_scaling not in ("yarn", "llama3"):
+      problems.append(f"rope_scaling must be 'yarn' or 'llama3', got {self.rope_scaling!r}")
+    if self.rope_scaling == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+      problems.append("llama3 rope scaling needs high_freq_factor > low_freq_factor")
     if self.qk_rope_head_dim % 2:
       problems.append("qk_rope_head_dim must be even")
     if self.score_func not in ("sigmoid", "softmax"):
@@ -143,7 +170,19 @@ class ModelConfig:
   # Derived sizes.
   @property
   def qk_head_dim(self) -> int:
+    """Query/key dims per head that enter a score."""
+    if self.attention_kind == "gqa":
+      return self.head_dim
     return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+  @property
+  def value_head_dim(self) -> int:
+    return self.head_dim if self.attention_kind == "gqa" else self.v_head_dim
+
+  @property
+  def rope_dim(self) -> int:
+    """Dims per head that RoPE rotates: MLA's rope part, all of a GQA head."""
+    return self.head_dim if self.attention_kind == "gqa" else self.qk_rope_head_dim
 
   @property
   def n_moe_layers(self) -> int:
@@ -151,7 +190,11 @@ class ModelConfig:
 
   @property
   def use_yarn(self) -> bool:
-    return self.rope_factor > 1.0
+    return self.rope_scaling == "yarn" and self.rope_factor > 1.0
+
+  @property
+  def use_llama3_rope(self) -> bool:
+    return self.rope_scaling == "llama3" and self.rope_factor > 1.0
 
   @property
   def softmax_scale(self) -> float:
@@ -183,6 +226,57 @@ class ModelConfig:
         original_max_position=64, max_seq_len=256, mtp_depth=1)
     fields.update(overrides)
     return cls(**fields)
+
+  # Dense GQA students (R1 §2.4 distils into these). Sizes from each model's
+  # released config.json; tests/test_dense.py checks the parameter totals.
+  @classmethod
+  def dense_gqa(cls, **fields) -> "ModelConfig":
+    """A dense GQA model: every layer dense, MLA/MoE/MTP fields zeroed, halves
+    RoPE layout (as Hugging Face Qwen2/Llama checkpoints store q and k)."""
+    base = dict(
+        attention_kind="gqa", q_lora_rank=0, kv_lora_rank=0, qk_nope_head_dim=0,
+        qk_rope_head_dim=0, v_head_dim=0, moe_d_ff=0, n_routed_experts=0,
+        n_shared_experts=0, n_activated_experts=0, n_expert_groups=1, n_limited_groups=1,
+        rope_interleaved=False, rope_factor=1.0, mtp_depth=0, seq_aux_loss_alpha=0.0,
+        bias_update_rate=0.0)
+    base.update(fields)
+    base.setdefault("n_dense_layers", base["n_layers"])
+    return cls(**base)
+
+  @classmethod
+  def qwen2_5_1_5b(cls, **overrides) -> "ModelConfig":
+    """Qwen2.5-1.5B: 28 layers, 12 query / 2 kv heads of 128, q/k/v bias, tied."""
+    return cls.dense_gqa(**{**dict(
+        vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
+        head_dim=128, qkv_bias=True, d_ff=8960, rope_theta=1000000.0,
+        max_seq_len=131072, rms_norm_eps=1e-6, tie_embeddings=True,
+        dtype="bfloat16", param_dtype="bfloat16"), **overrides})
+
+  @classmethod
+  def qwen2_5_7b(cls, **overrides) -> "ModelConfig":
+    """Qwen2.5-7B: 28 layers, 28 query / 4 kv heads of 128, q/k/v bias, untied."""
+    return cls.dense_gqa(**{**dict(
+        vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
+        head_dim=128, qkv_bias=True, d_ff=18944, rope_theta=1000000.0,
+        max_seq_len=131072, rms_norm_eps=1e-6, tie_embeddings=False,
+        dtype="bfloat16", param_dtype="bfloat16", remat=True), **overrides})
+
+  @classmethod
+  def llama3_1_8b(cls, **overrides) -> "ModelConfig":
+    """Llama-3.1-8B: 32 layers, 32 query / 8 kv heads of 128, llama3 RoPE scaling."""
+    return cls.dense_gqa(**{**dict(
+        vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+        head_dim=128, d_ff=14336, rope_theta=500000.0, rope_scaling="llama3",
+        rope_factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position=8192, max_seq_len=131072, rms_norm_eps=1e-5,
+        dtype="bfloat16", param_dtype="bfloat16", remat=True), **overrides})
+
+  @classmethod
+  def tiny_gqa(cls, **overrides) -> "ModelConfig":
+    """A tiny Qwen2-shaped model (q/k/v bias, tied, 4 query / 2 kv heads)."""
+    return cls.dense_gqa(**{**dict(
+        vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+        qkv_bias=True, d_ff=128, tie_embeddings=True, max_seq_len=256), **overrides})
 
 
 def yarn_mscale(factor: float, mscale: float) -> float:

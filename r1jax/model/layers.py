@@ -50,22 +50,29 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-  """y = x ·(last len(in_shape) dims) kernel[in_shape + out_shape]."""
+  """y = x ·(last len(in_shape) dims) kernel[in_shape + out_shape] (+ bias[out_shape])."""
   in_shape: tuple[int, ...]
   out_shape: tuple[int, ...]
   axes: tuple[str, ...]  # logical names of the kernel's dims, inputs first
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  use_bias: bool = False
 
   def setup(self):
     assert len(self.axes) == len(self.in_shape) + len(self.out_shape), self.axes
     self.kernel = self.param(
         "kernel", nn.with_logical_partitioning(fan_in_init(len(self.in_shape)), self.axes),
         self.in_shape + self.out_shape, self.param_dtype)
+    if self.use_bias:
+      self.bias = self.param(
+          "bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                               self.axes[len(self.in_shape):]),
+          self.out_shape, self.param_dtype)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     n_in = len(self.in_shape)
-    return jnp.tensordot(x.astype(self.dtype), self.kernel.astype(self.dtype), axes=n_in)
+    y = jnp.tensordot(x.astype(self.dtype), self.kernel.astype(self.dtype), axes=n_in)
+    return y + self.bias.astype(self.dtype) if self.use_bias else y
 
 
 class MLP(nn.Module):

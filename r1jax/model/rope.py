@@ -1,4 +1,6 @@
-"""Rotary position embedding with YaRN context extension.
+"""Rotary position embedding with YaRN or Llama-3 context extension.
+
+The rotated dims are `cfg.rope_dim`: MLA's qk_rope_head_dim, or a whole GQA head.
 
 YaRN (Peng et al. 2023, as used by DeepSeek-V3): each rotary frequency is
 interpolated between its original value (high frequencies, kept) and the value
@@ -6,6 +8,10 @@ divided by `factor` (low frequencies, stretched), with a linear ramp between the
 dimensions `low` and `high` where the original context covers `beta_fast` and
 `beta_slow` full turns. Attention logits are sharpened by mscale² (in MLA's
 softmax scale, see `ModelConfig.softmax_scale`).
+
+Llama-3 ("llama3", Llama-3.1): wavelengths longer than original/low_freq_factor
+are divided by `factor`, shorter than original/high_freq_factor kept, and those
+between blended by a ramp in original/wavelength; no attention temperature.
 
 Glossary: B batch, T sequence, H heads, R rotary dims.
 """
@@ -27,16 +33,28 @@ def _correction_dim(n_turns: float, dim: int, base: float, max_pos: int) -> floa
 
 def yarn_ramp_range(cfg: ModelConfig) -> tuple[int, int]:
   """[low, high] pair indices of the interpolation ramp (floor/ceil, clamped)."""
-  dim = cfg.qk_rope_head_dim
+  dim = cfg.rope_dim
   low = math.floor(_correction_dim(cfg.beta_fast, dim, cfg.rope_theta, cfg.original_max_position))
   high = math.ceil(_correction_dim(cfg.beta_slow, dim, cfg.rope_theta, cfg.original_max_position))
   return max(low, 0), min(high, dim - 1)
 
 
+def _llama3_frequencies(inv_freq: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+  """Llama-3.1's piecewise rescaling of the rotary frequencies."""
+  wavelen = 2 * np.pi / inv_freq
+  old = cfg.original_max_position
+  lo, hi = cfg.low_freq_factor, cfg.high_freq_factor
+  smooth = np.clip((old / wavelen - lo) / (hi - lo), 0.0, 1.0)
+  # smooth = 0 (long wavelengths): divide by factor; 1 (short ones): keep.
+  return inv_freq / cfg.rope_factor * (1.0 - smooth) + inv_freq * smooth
+
+
 def inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
-  """Per-pair angular frequencies [R/2] in float64, YaRN-interpolated if enabled."""
-  dim = cfg.qk_rope_head_dim
+  """Per-pair angular frequencies [R/2] in float64, rescaled if enabled."""
+  dim = cfg.rope_dim
   inv_freq = cfg.rope_theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)
+  if cfg.use_llama3_rope:
+    return _llama3_frequencies(inv_freq, cfg)
   if not cfg.use_yarn:
     return inv_freq
   low, high = yarn_ramp_range(cfg)

@@ -1,6 +1,8 @@
 """The DeepSeek-V3 language model: blocks, layer stacks, MTP, and the LM.
 
-The first `n_dense_layers` blocks use a dense SwiGLU MLP, the rest DeepSeekMoE;
+Attention is MLA, or grouped-query attention for the dense Qwen2/Llama-3
+students (`cfg.attention_kind`). The first `n_dense_layers` blocks use a dense
+SwiGLU MLP, the rest DeepSeekMoE;
 each kind is one `nn.scan`-ned stack (parameters carry a leading "layers" axis),
 optionally rematerialised, so a 61-layer model compiles as two block bodies
 (short stacks on CPU are unrolled: `stack_unroll`).
@@ -8,7 +10,7 @@ optionally rematerialised, so a 61-layer model compiles as two block bodies
 Two entry points share parameters:
   `Transformer(cfg).apply({"params": p}, tokens)` -> logits  (training form)
   `Transformer(cfg).apply({"params": p}, tokens, positions, cache, start, valid,
-                          method="decode")` -> (logits, cache)  (latent cache)
+                          method="decode")` -> (logits, cache)  (MLA latents or GQA k/v)
 The losses call the training form with `return_hidden=True` (final-normed
 hidden states, no logits) and run the head chunk by chunk (r1jax/model/head.py).
 
@@ -25,14 +27,20 @@ import jax.numpy as jnp
 from r1jax.model import head as head_lib
 from r1jax.model.config import ModelConfig
 from r1jax.model.kv_cache import LatentCache
+from r1jax.model.gqa import GQA
 from r1jax.model.layers import MLP, Linear, RMSNorm, dtypes
 from r1jax.model.mla import MLA
 from r1jax.model.moe import MoE
 from r1jax.parallel.mesh import shard_batch, shard_sequence
 
 
+# cfg.attention_kind -> the attention module (same interface: training form, decode).
+ATTENTION = {"mla": MLA, "gqa": GQA}
+
+
 class Block(nn.Module):
-  """Pre-norm residual block: x + MLA(norm(x)), then x + FFN(norm(x))."""
+  """Pre-norm residual block: x + Attn(norm(x)), then x + FFN(norm(x)); Attn is
+  MLA or GQA, the FFN a SwiGLU MLP or DeepSeekMoE."""
   cfg: ModelConfig
   moe: bool
 
@@ -40,7 +48,7 @@ class Block(nn.Module):
     c = self.cfg
     dt, pdt = dtypes(c)
     self.attn_norm = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt)
-    self.attn = MLA(c)
+    self.attn = ATTENTION[c.attention_kind](c)
     self.mlp_norm = RMSNorm(c.d_model, c.rms_norm_eps, dt, pdt)
     if self.moe:
       self.ffn = MoE(c, name="moe")
@@ -61,7 +69,7 @@ class Block(nn.Module):
     """nn.scan's (carry, per-layer input) -> (carry, per-layer output).
 
     Training form when `layer_cache` is None (valid: [B,T]); otherwise the
-    latent-cache form (valid: [B,S]). Outputs (aux, the chunk's new latents or None).
+    cache form (valid: [B,S]). Outputs (aux, the chunk's new cache entries or None).
     """
     # The residual stream is split over data×fsdp×expert (the "batch" rule) under
     # an ambient mesh, so no block's activations drift onto parameter shardings.
@@ -238,7 +246,8 @@ class Transformer(nn.Module):
 
   def decode(self, tokens_BxT, positions_BxT, cache: LatentCache, start, valid_BxS, *,
              last_only: bool = False):
-    """Latent-cache form: runs T new tokens written at cache slots [start, start+T).
+    """Cache form (MLA latents or GQA k/v): runs T new tokens written at cache
+    slots [start, start+T).
 
     `valid_BxS` marks every filled slot including the new ones. Returns
     (logits [B,T,V] float32, updated cache); with `last_only` the logits of the

@@ -25,6 +25,9 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("embed", "fsdp"),
     ("mtp_embed", None),
     ("heads", "tensor"),
+    # GQA's key/value heads: few (2 in Qwen2.5-1.5B, 8 in Llama-3-8B), often fewer
+    # than the tensor axis, so their small projections stay whole on every device.
+    ("kv_heads", None),
     ("head_dim", None),
     # The low-rank inputs of wq_b / wkv_b shard over fsdp (flax leaves a mesh axis
     # out when an earlier dimension already took it, so wq_a / wkv_a stay [fsdp, -]).

@@ -1,11 +1,12 @@
-"""Rollout: a jitted sampler over MLA's compressed latent cache.
+"""Rollout: a jitted sampler over the model's decode cache (MLA's latents, or GQA's k/v).
 
 One prefill pass over the (left-padded) prompts, then a `lax.while_loop` that
 decodes one token per row per step and stops as soon as every row has emitted
 EOS. Shapes are static, so there is one compilation per (B, P, N) bucket and
-sampling setting. The cache holds only c_kv and k_pe per layer
+sampling setting. Under MLA the cache holds only c_kv and k_pe per layer
 (`LatentCache`): B × (P+N) × (kv_lora_rank + qk_rope_head_dim) × layers × dtype
-bytes; keys and values are never re-expanded.
+bytes; keys and values are never re-expanded. Under GQA (the dense students) it
+holds each layer's n_kv_heads keys and values (`cache_bytes_per_token`).
 
 Layout: prompts are LEFT-padded, so every row's last prompt token sits at slot
 P-1 and token j is written at slot P+j in all rows; a row's RoPE position is
@@ -207,7 +208,7 @@ def generate(decode_fn: DecodeFn, state: Any, prompts_BxP: jax.Array, prompt_len
 # The Transformer behind the core.
 
 def model_decode_fn(cfg: ModelConfig, params) -> DecodeFn:
-  """The Transformer's latent-cache decode as a DecodeFn (state = LatentCache).
+  """The Transformer's cached decode as a DecodeFn (state = LatentCache).
 
   It returns the last token's logits only ([B,1,V]): the prefill needs no more,
   and the head over every prompt slot would be [B,P,V] float32 for nothing."""
@@ -221,19 +222,21 @@ def model_decode_fn(cfg: ModelConfig, params) -> DecodeFn:
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, mesh: Mesh | None = None) -> LatentCache:
-  """An empty latent cache, its batch axis split over the data-parallel mesh axes."""
+  """An empty cache (MLA latents or GQA k/v), its batch axis split over the
+  data-parallel mesh axes."""
   cache = LatentCache.zeros(cfg, batch, slots)
   if mesh is None:
     return cache
-  spec = NamedSharding(mesh, P(None, BATCH, None, None))  # [L, B, S, C|R]
-  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec), cache)
+  # [L, B, S, C|R] (MLA) or [L, B, S, G, K] (GQA)
+  spec = lambda a: NamedSharding(mesh, P(None, BATCH, *([None] * (a.ndim - 2))))  # noqa: E731
+  return jax.tree.map(lambda a: jax.lax.with_sharding_constraint(a, spec(a)), cache)
 
 
 def rollout(cfg: ModelConfig, params, prompts_BxP: jax.Array, prompt_lengths_B: jax.Array,
             rng: jax.Array, *, max_new_tokens: int, settings: SamplingConfig,
             eos_id: int | None, pad_id: int, mesh: Mesh | None = None,
             row_offset: jax.Array | int = 0) -> Rollout:
-  """`generate` over the Transformer with a fresh latent cache. Pure; jit it or call it in a jit."""
+  """`generate` over the Transformer with a fresh cache. Pure; jit it or call it in a jit."""
   B, Pn = prompts_BxP.shape
   cache = init_cache(cfg, B, Pn + max_new_tokens, mesh)
   return generate(model_decode_fn(cfg, params), cache, prompts_BxP, prompt_lengths_B, rng,

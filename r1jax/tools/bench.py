@@ -285,10 +285,10 @@ def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
       "new_tokens_per_s": round(B * N / total_s, 1),
       "decode_tokens_per_s": round(B * (N - 1) / max(total_s - prefill_s, 1e-9), 1),
       "cache_dtype": cfg.dtype,
-      "cache_bytes_per_token": per_token["latent"],
+      "cache_bytes_per_token": per_token["cache"],
       "naive_cache_bytes_per_token": per_token["naive"],
       "cache_ratio": round(per_token["ratio"], 2),
-      "cache_bytes": B * (Pn + N) * per_token["latent"],
+      "cache_bytes": B * (Pn + N) * per_token["cache"],
       "temperature": args.temperature,
   }
   if args.compare_hf:

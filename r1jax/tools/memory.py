@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from r1jax.model import ModelConfig, abstract_params, logical_axes
+from r1jax.model import ModelConfig, abstract_params, cache_bytes_per_token, logical_axes
 from r1jax.model.moe import block_rows, exchange_impl, grouped_impl
 from r1jax.parallel import mesh as mesh_lib
 
@@ -120,7 +120,7 @@ def attention_kind(cfg: ModelConfig, b: int, T: int, H: int, backend: str) -> tu
     from r1jax.model.attention import choose_attention  # noqa: PLC0415
   except ImportError:
     return "reference", 0
-  kind = choose_attention(impl, B=b, T=T, S=T, H=H, E=cfg.qk_head_dim, V=cfg.v_head_dim,
+  kind = choose_attention(impl, B=b, T=T, S=T, H=H, E=cfg.qk_head_dim, V=cfg.value_head_dim,
                           dtype=cfg.dtype, static_start=True,
                           backend="cpu" if backend == "cpu" else "gpu")
   return kind, cfg.attention_block
@@ -129,10 +129,15 @@ def attention_kind(cfg: ModelConfig, b: int, T: int, H: int, backend: str) -> tu
 def _attention_fwd(cfg: ModelConfig, b: int, T: int, tp: int, dt: int,
                    backend: str = "accelerator") -> int:
   n, H = b * T, -(-cfg.n_heads // tp)
-  C, R, K, V = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim
-  q_lora = 2 * n * cfg.q_lora_rank * dt  # projection and its norm
-  q = 2 * n * H * (K + R) * dt  # q and its rotated split
-  kv = 2 * n * (C + R) * dt + n * H * (K + V) * dt
+  V = cfg.value_head_dim
+  if cfg.attention_kind == "gqa":  # kv heads are not split over tensor (mesh RULES)
+    q_lora, q = 0, 2 * n * H * cfg.head_dim * dt  # q and its rotation
+    kv = 3 * n * cfg.n_kv_heads * cfg.head_dim * dt  # k, its rotation, v
+  else:
+    C, R, K = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+    q_lora = 2 * n * cfg.q_lora_rank * dt  # projection and its norm
+    q = 2 * n * H * (K + R) * dt  # q and its rotated split
+    kv = 2 * n * (C + R) * dt + n * H * (K + V) * dt
   kind, block = attention_kind(cfg, b, T, H, backend)
   if kind == "reference":
     scores = b * H * T * T * (2 * dt + 4)  # logits (dt), probabilities (f32 and dt)
@@ -273,8 +278,9 @@ def _decode_bytes(cfg: ModelConfig, sizes: dict[str, int], b: int, S: int, backe
   """One T = 1 decode step's working set over S slots (the cache itself not counted)."""
   dt = jnp.dtype(cfg.dtype).itemsize
   H = -(-cfg.n_heads // sizes["tensor"])
-  C, R, D = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.d_model
-  scores = b * H * S * (2 * dt + 4) + b * S * (C + R) * dt  # + the cache slices in compute dtype
+  D = cfg.d_model
+  per_slot = cache_bytes_per_token(cfg, dt)["cache"] // cfg.n_layers  # one layer's entry
+  scores = b * H * S * (2 * dt + 4) + b * S * per_slot  # + the cache slices in compute dtype
   ffn = max(3 * b * -(-cfg.d_ff // sizes["tensor"]) * dt if cfg.n_dense_layers else 0,
             _moe_fwd(cfg, b, sizes, backend, dt) if cfg.n_moe_layers else 0)
   weights = max(gathered_layer_bytes(cfg, sizes, s) for s in ("dense_layers", "moe_layers")
@@ -310,7 +316,7 @@ def program_bytes(prog, sizes: dict[str, int], backend: str = "accelerator") -> 
     resident = opt
   elif prog.name == "decode":
     dt = jnp.dtype(cfg.dtype).itemsize
-    cache = cfg.n_layers * b * prog.slots * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dt
+    cache = b * prog.slots * cache_bytes_per_token(cfg, dt)["cache"]
     parts = {"params": params, "cache": cache,
              "activations": _decode_bytes(cfg, sizes, b, prog.slots, backend)}
     resident = opt + ref
