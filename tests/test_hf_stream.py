@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from r1jax.interop import hf, hf_stream
+from r1jax.interop import hf, hf_names, hf_stream
 from r1jax.model import ModelConfig, Transformer, abstract_params, logical_axes
 from r1jax.parallel.mesh import logical_sharding, make_mesh
 from tests.experiment_loader import ROOT
@@ -129,7 +129,7 @@ def test_a_block_reads_only_its_slices(ckpt):
 @pytest.mark.parametrize("n_in,shape", [(1, (6, 4, 5)), (2, (4, 3, 6)), (0, (5, 7))])
 def test_slot_reads_any_block(n_in, shape):
   # Blocks a mesh never makes (inner axes cut, outer whole) take the gather path.
-  slot = hf._Slot(("x",), (), shape, n_in)
+  slot = hf_names.Slot(("x",), (), shape, n_in)
   w = np.arange(np.prod(shape), dtype=np.float32).reshape(slot.hf_shape())
   full = w.T.reshape(shape) if n_in else w
   rng = np.random.default_rng(0)

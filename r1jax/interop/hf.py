@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V3 checkpoints <-> r1jax parameters.
+"""Hugging Face DeepSeek-V3, Qwen2 and Llama checkpoints <-> r1jax parameters.
 
 `load(path)` reads a checkpoint directory (config.json plus one
 model.safetensors or shards listed in model.safetensors.index.json, bf16 or
@@ -19,8 +19,8 @@ copies (`model.layers.{n}.embed_tokens`, `shared_head.head`) are checked
 against the main ones on load (a warning if they differ, the main ones win)
 and written as copies on save.
 
-One name table (`_slot_table`: a `_Slot` per checkpoint tensor) serves both
-directions and both ways of loading. Without a mesh, leaves come back as host
+One name table (hf_names.py's `slot_table`: a `Slot` per checkpoint tensor)
+serves both directions and both ways of loading. Without a mesh, leaves come back as host
 numpy arrays. `load(path, mesh=mesh)` streams instead: each leaf is built on
 the mesh with `jax.make_array_from_callback`, sharded by the rule table, and
 each block a device holds is assembled from only the checkpoint tensors, and
@@ -30,16 +30,19 @@ which is how the 671B model loads. `save` fetches one tensor at a time from
 arrays sharded over any number of processes and process 0 writes.
 FP8 checkpoints (`weight_scale_inv`) are not handled: dequantise them to bf16
 first.
+
+Qwen2ForCausalLM / LlamaForCausalLM directories (the dense GQA students) load
+into `attention_kind="gqa"` configs: `q_proj`/`k_proj`/`v_proj` (and their
+biases under Qwen2) become `wq`/`wk`/`wv` [D, heads, head_dim], `o_proj` `wo`.
+Their checkpoints already rotate halves (`rope_interleaved=False`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import jax
 import ml_dtypes
@@ -50,6 +53,7 @@ from safetensors.numpy import save_file
 
 from r1jax.interop import hf_stream
 from r1jax.interop.hf_config import config_from_hf, config_to_hf
+from r1jax.interop.hf_names import Slot, copy_slots, leaf_shapes, slot_table
 from r1jax.model.config import ModelConfig
 from r1jax.model.params import logical_axes
 from r1jax.parallel.mesh import AXES, logical_sharding
@@ -65,147 +69,6 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # in steps of γ = 0.001, below bf16's resolution near ±1 (official files keep it
 # float32 too), and it makes bf16 saves of loaded checkpoints lossless.
 _FLOAT32_SUFFIXES = ("e_score_correction_bias",)
-
-
-# ----------------------------------------------------------------------------
-# The name table: one _Slot per checkpoint tensor.
-
-def _flat_span(dims: tuple[int, ...], block: Sequence[tuple[int, int]]
-               ) -> tuple[slice, np.ndarray | None]:
-  """In the row-major flattening of `dims`: the span holding `block`, and the
-  block's offsets in that span (None when the block fills it)."""
-  first = int(np.ravel_multi_index([a for a, _ in block], dims))
-  last = int(np.ravel_multi_index([b - 1 for _, b in block], dims))
-  if math.prod(b - a for a, b in block) == last + 1 - first:
-    return slice(first, last + 1), None
-  grid = np.ix_(*[np.arange(a, b) for a, b in block])
-  return slice(first, last + 1), np.ravel_multi_index(grid, dims).ravel() - first
-
-
-@dataclasses.dataclass(frozen=True)
-class _Slot:
-  path: tuple[str, ...]  # the r1jax leaf
-  index: tuple[int, ...]  # position along the leaf's stacked axes (layer, expert)
-  shape: tuple[int, ...]  # the slice's r1jax shape
-  n_in: int  # 0: stored as is; k > 0: a kernel whose first k dims are inputs
-
-  def hf_shape(self) -> tuple[int, ...]:
-    if not self.n_in:
-      return self.shape
-    return (math.prod(self.shape[self.n_in:]), math.prod(self.shape[:self.n_in]))
-
-  def read(self, tensor: Any, block: Sequence[tuple[int, int]]) -> np.ndarray:
-    """The r1jax `block` of this slot ([start, stop) per axis of `shape`), from
-    `tensor` (a safetensors slice or an array of hf_shape()), reading only
-    the rows and columns that hold it."""
-    if not self.n_in:
-      return tensor[tuple(slice(a, b) for a, b in block)]
-    k = self.n_in
-    rows, row_pick = _flat_span(self.shape[k:], block[k:])
-    cols, col_pick = _flat_span(self.shape[:k], block[:k])
-    w = tensor[rows, cols]  # [out, in]
-    if row_pick is not None:
-      w = w[row_pick]
-    if col_pick is not None:
-      w = w[:, col_pick]
-    return w.T.reshape([b - a for a, b in block])
-
-  def to_hf(self, x: np.ndarray) -> np.ndarray:
-    if not self.n_in:
-      return x
-    return np.ascontiguousarray(x.reshape(self.hf_shape()[::-1]).T)
-
-
-# (r1jax sub-path, HF name under model.layers.N., slice shape, n_in, per expert)
-_BlockLeaf = tuple[tuple[str, ...], str, tuple[int, ...], int, bool]
-
-
-def _block_leaves(cfg: ModelConfig, moe: bool) -> list[_BlockLeaf]:
-  """The leaves of one block (dense or MoE) and their checkpoint names."""
-  D, H = cfg.d_model, cfg.n_heads
-  K, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  leaves = [(("attn_norm", "scale"), "input_layernorm.weight", (D,), 0, False),
-            (("mlp_norm", "scale"), "post_attention_layernorm.weight", (D,), 0, False)]
-  a = "self_attn."
-  if cfg.q_lora_rank:
-    Q = cfg.q_lora_rank
-    leaves += [(("attn", "wq_a", "kernel"), a + "q_a_proj.weight", (D, Q), 1, False),
-               (("attn", "q_norm", "scale"), a + "q_a_layernorm.weight", (Q,), 0, False),
-               (("attn", "wq_b", "kernel"), a + "q_b_proj.weight", (Q, H, K + R), 1, False)]
-  else:
-    leaves.append((("attn", "wq", "kernel"), a + "q_proj.weight", (D, H, K + R), 1, False))
-  leaves += [(("attn", "wkv_a", "kernel"), a + "kv_a_proj_with_mqa.weight", (D, C + R), 1, False),
-             (("attn", "kv_norm", "scale"), a + "kv_a_layernorm.weight", (C,), 0, False),
-             (("attn", "wkv_b", "kernel"), a + "kv_b_proj.weight", (C, H, K + V), 1, False),
-             (("attn", "wo", "kernel"), a + "o_proj.weight", (H, V, D), 2, False)]
-  if not moe:
-    F = cfg.d_ff
-    return leaves + [(("mlp", "wi_gate", "kernel"), "mlp.gate_proj.weight", (D, F), 1, False),
-                     (("mlp", "wi_up", "kernel"), "mlp.up_proj.weight", (D, F), 1, False),
-                     (("mlp", "wo", "kernel"), "mlp.down_proj.weight", (F, D), 1, False)]
-  E, F = cfg.n_routed_experts, cfg.moe_d_ff
-  leaves += [(("moe", "router", "kernel"), "mlp.gate.weight", (D, E), 1, False),
-             (("moe", "router", "bias"), "mlp.gate.e_score_correction_bias", (E,), 0, False),
-             (("moe", "experts", "wi_gate"), "mlp.experts.{e}.gate_proj.weight", (D, F), 1, True),
-             (("moe", "experts", "wi_up"), "mlp.experts.{e}.up_proj.weight", (D, F), 1, True),
-             (("moe", "experts", "wo"), "mlp.experts.{e}.down_proj.weight", (F, D), 1, True)]
-  if cfg.n_shared_experts:
-    Fs, s = cfg.n_shared_experts * F, "mlp.shared_experts."
-    leaves += [(("moe", "shared", "wi_gate", "kernel"), s + "gate_proj.weight", (D, Fs), 1, False),
-               (("moe", "shared", "wi_up", "kernel"), s + "up_proj.weight", (D, Fs), 1, False),
-               (("moe", "shared", "wo", "kernel"), s + "down_proj.weight", (Fs, D), 1, False)]
-  return leaves
-
-
-def _block_slots(cfg: ModelConfig, moe: bool, prefix: str, root: tuple[str, ...],
-                 layer: tuple[int, ...]) -> dict[str, _Slot]:
-  slots = {}
-  for sub, name, shape, n_in, per_expert in _block_leaves(cfg, moe):
-    experts = range(cfg.n_routed_experts) if per_expert else [None]
-    for e in experts:
-      index = layer + (() if e is None else (e,))
-      slots[prefix + name.format(e=e)] = _Slot(root + sub, index, shape, n_in)
-  return slots
-
-
-def _copy_slots(cfg: ModelConfig, slots: dict[str, _Slot], k: int) -> dict[str, _Slot]:
-  """MTP layer k's copies of the embedding and output head (r1jax shares the main ones)."""
-  p = f"model.layers.{cfg.n_layers + k}."
-  embed = slots["model.embed_tokens.weight"]
-  return {p + "embed_tokens.weight": embed,
-          p + "shared_head.head.weight": slots.get("lm_head.weight", embed)}
-
-
-def _slot_table(cfg: ModelConfig) -> dict[str, _Slot]:
-  """Every checkpoint tensor of `cfg` (MTP copies of shared tensors excepted)."""
-  D, V = cfg.d_model, cfg.vocab_size
-  slots = {"model.embed_tokens.weight": _Slot(("embed", "embedding"), (), (V, D), 0),
-           "model.norm.weight": _Slot(("final_norm", "scale"), (), (D,), 0)}
-  if not cfg.tie_embeddings:
-    slots["lm_head.weight"] = _Slot(("lm_head", "kernel"), (), (D, V), 1)
-  for i in range(cfg.n_layers):
-    moe = i >= cfg.n_dense_layers
-    root, layer = (("moe_layers",), (i - cfg.n_dense_layers,)) if moe else (("dense_layers",), (i,))
-    slots.update(_block_slots(cfg, moe, f"model.layers.{i}.", root, layer))
-  for k in range(cfg.mtp_depth):
-    p, root = f"model.layers.{cfg.n_layers + k}.", (f"mtp_{k}",)
-    slots.update({p + "enorm.weight": _Slot(root + ("enorm", "scale"), (), (D,), 0),
-                  p + "hnorm.weight": _Slot(root + ("hnorm", "scale"), (), (D,), 0),
-                  p + "eh_proj.weight": _Slot(root + ("eh_proj", "kernel"), (), (2 * D, D), 1),
-                  p + "shared_head.norm.weight": _Slot(root + ("norm", "scale"), (), (D,), 0)})
-    slots.update(_block_slots(cfg, cfg.n_moe_layers > 0, p, root + ("block",), ()))
-  return slots
-
-
-def _leaf_shapes(slots: dict[str, _Slot]) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Full leaf shapes: stacked axes (layer, expert) in front of the slice shape."""
-  counts: dict[tuple[str, ...], tuple[int, ...]] = {}
-  shapes: dict[tuple[str, ...], tuple[int, ...]] = {}
-  for s in slots.values():
-    top = counts.get(s.path, (0,) * len(s.index))
-    counts[s.path] = tuple(max(a, b + 1) for a, b in zip(top, s.index))
-    shapes[s.path] = s.shape
-  return {p: counts[p] + shapes[p] for p in shapes}
 
 
 # ----------------------------------------------------------------------------
@@ -269,12 +132,13 @@ def _checkpoint(path: str, dtype: str | None, mtp: bool,
            if not any(n.startswith(f"model.layers.{cfg.n_layers + k}.")
                       for k in range(depth, declared))}
 
-  slots = _slot_table(cfg)
+  slots = slot_table(cfg)
   copies = _load_copies(cfg, slots)
   unknown = [n for n in names if n not in slots and n not in copies]
   missing = [n for n in slots if n not in names]
   if unknown or missing:
-    msg = [f"{path} does not match its config.json as a DeepSeek-V3 checkpoint:"]
+    msg = [f"{path} does not match its config.json ({cfg.attention_kind} attention, "
+           f"{cfg.n_layers} layers, {cfg.n_dense_layers} dense):"]
     if missing:
       msg.append(f"missing tensors: {_name_list(missing)}")
     if unknown:
@@ -283,9 +147,9 @@ def _checkpoint(path: str, dtype: str | None, mtp: bool,
   return cfg, names
 
 
-def _load_copies(cfg: ModelConfig, slots: dict[str, _Slot]) -> dict[str, _Slot]:
+def _load_copies(cfg: ModelConfig, slots: dict[str, Slot]) -> dict[str, Slot]:
   """Tensors that repeat a leaf: compared with it on load, never loaded."""
-  copies = {n: s for k in range(cfg.mtp_depth) for n, s in _copy_slots(cfg, slots, k).items()}
+  copies = {n: s for k in range(cfg.mtp_depth) for n, s in copy_slots(cfg, slots, k).items()}
   if cfg.tie_embeddings:
     copies["lm_head.weight"] = slots["model.embed_tokens.weight"]  # tolerated when equal
   return copies
@@ -295,7 +159,7 @@ def _leaves(cfg: ModelConfig, reader: hf_stream.Reader, dtype: np.dtype
             ) -> dict[tuple[str, ...], hf_stream.Leaf]:
   """Every leaf and the tensors it is built from; checks every tensor's shape
   from the file headers before anything is read."""
-  slots = _slot_table(cfg)
+  slots = slot_table(cfg)
   copies = {n: s for n, s in _load_copies(cfg, slots).items() if n in reader.files}
   for name, slot in {**slots, **copies}.items():
     shape = reader.shape(name)
@@ -311,7 +175,7 @@ def _leaves(cfg: ModelConfig, reader: hf_stream.Reader, dtype: np.dtype
   for name, slot in slots.items():
     parts.setdefault(slot.path, {})[slot.index] = (name, slot)
   leaves = {}
-  for path, shape in _leaf_shapes(slots).items():
+  for path, shape in leaf_shapes(slots).items():
     # The router bias stays float32 whatever the weights' dtype (never trained
     # by gradient; the model reads it as float32).
     leaf_dtype = np.dtype(np.float32) if path[-2:] == ("router", "bias") else dtype
@@ -322,7 +186,7 @@ def _leaves(cfg: ModelConfig, reader: hf_stream.Reader, dtype: np.dtype
 
 def load(path: str, *, dtype: str | None = None, mtp: bool = True, mesh: Mesh | None = None,
          stats: dict | None = None, **overrides) -> tuple[ModelConfig, Params]:
-  """Reads a Hugging Face DeepSeek-V3 checkpoint directory.
+  """Reads a Hugging Face DeepSeek-V3, Qwen2 or Llama checkpoint directory.
 
   Returns (cfg, params): params is the unboxed `Transformer(cfg)` tree in
   `dtype` (when given, cfg.dtype and cfg.param_dtype are set to it unless
@@ -382,8 +246,8 @@ def to_hf_tensors(cfg: ModelConfig, params: Params, *,
   fetched alone (a collective for sharded arrays, so every process must
   iterate this in step), never a whole leaf.
   """
-  slots = _slot_table(cfg)
-  shapes = _leaf_shapes(slots)
+  slots = slot_table(cfg)
+  shapes = leaf_shapes(slots)
   expected = set(shapes)
   present = set(_leaf_paths(params))
   if expected != present:
@@ -394,9 +258,9 @@ def to_hf_tensors(cfg: ModelConfig, params: Params, *,
     if got != shape:
       raise ValueError(f"param {'/'.join(leaf_path)} has shape {got}, expected {shape} from cfg")
   # Copies go out right after their leaf's one tensor, from the same fetch.
-  copies: dict[tuple[str, ...], list[tuple[str, _Slot]]] = {}
+  copies: dict[tuple[str, ...], list[tuple[str, Slot]]] = {}
   for k in range(cfg.mtp_depth):
-    for name, slot in _copy_slots(cfg, slots, k).items():
+    for name, slot in copy_slots(cfg, slots, k).items():
       copies.setdefault(slot.path, []).append((name, slot))
   out_dtype = _np_dtype(dtype)
 

@@ -1,7 +1,7 @@
 """Checkpoint tensors block by block, sharded arrays tensor by tensor.
 
 The I/O half of r1jax.interop.hf; which checkpoint tensor lands where, and in
-which layout, stays in hf.py's name table (its `_Slot`s, which know how to
+which layout, stays in hf_names.py's name table (its `Slot`s, which know how to
 read any block of themselves from a sliceable tensor).
 
   tensor_files  which file holds each tensor;
@@ -43,7 +43,7 @@ INDEX = "model.safetensors.index.json"
 
 
 class Slot(Protocol):
-  """A checkpoint tensor's place in its leaf (hf._Slot)."""
+  """A checkpoint tensor's place in its leaf (hf_names.Slot)."""
 
   def read(self, tensor: Any, block: Sequence[tuple[int, int]]) -> np.ndarray: ...
 
