@@ -82,6 +82,29 @@ def test_kernels_match_reference(case):
   _assert_parity(xla, want, rows_BxT)
 
 
+@pytest.mark.parametrize("case", ["train", "decode_chunk"])
+def test_grouped_kv_heads_equal_repeated_heads(case):
+  """GQA: 2 key/value heads serving 4 query heads (head h reads kv head h // 2)
+  equal the same attention with each kv head repeated to its query heads, in
+  every CPU-runnable kernel, outputs and gradients (the kv gradient summed over
+  its group)."""
+  B, T, S, start, block = CASES[case]
+  H, G = 4, 2
+  qs, ks, v = _inputs(B, T, S, H, ((6, G),), 5, G, seed=3)
+  valid_BxS = _left_padded([0, 3, 1, 2, 0, 4, 2, 1][:B], S) & (jnp.arange(S) < start + T)[None]
+  rows_BxT = jnp.ones((B, T), bool) & valid_BxS[:, start:start + T]
+  rep = lambda x: jnp.repeat(x, H // G, axis=2)  # noqa: E731
+  want = _run(lambda qs, ks, v: attend(qs, tuple(map(rep, ks)), rep(v), start, valid_BxS,
+                                       scale=0.3, impl="reference"), qs, ks, v, rows_BxT)
+  for impl in ("reference", "blocked"):
+    got = _run(lambda qs, ks, v: attend(qs, ks, v, start, valid_BxS, scale=0.3, impl=impl,
+                                        block=block), qs, ks, v, rows_BxT)
+    _assert_parity(got, want, rows_BxT)
+  xla = _run(lambda qs, ks, v: dot_product_attention(
+      qs, ks, v, start, valid_BxS, scale=0.3, implementation="xla"), qs, ks, v, rows_BxT)
+  _assert_parity(xla, want, rows_BxT)
+
+
 def test_blocked_backward_holds_no_score_matrix():
   """At T = S = 1024 nothing in the blocked gradient's program is T×S; the reference's is."""
   B, T, H, block = 1, 1024, 2, 128

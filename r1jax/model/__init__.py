@@ -1,4 +1,4 @@
-"""DeepSeek-V3 in Flax: MLA + DeepSeekMoE + MTP."""
+"""DeepSeek-V3 in Flax (MLA + DeepSeekMoE + MTP), and the dense GQA students (Qwen2, Llama-3)."""
 
 from r1jax.model.config import ModelConfig
 from r1jax.model.kv_cache import LatentCache, cache_bytes_per_token

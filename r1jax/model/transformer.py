@@ -155,9 +155,14 @@ class Transformer(nn.Module):
   def setup(self):
     c = self.cfg
     dt, pdt = dtypes(c)
+    # A tied embedding is also the output head: at std 1 its logits would start
+    # with std ~sqrt(d_model) (a near-one-hot policy); 1/sqrt(d_model) gives ~1,
+    # like the untied head's fan-in init.
+    embed_std = c.d_model ** -0.5 if c.tie_embeddings else 1.0
     self.embed = nn.Embed(
         c.vocab_size, c.d_model, dtype=dt, param_dtype=pdt,
-        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")))
+        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(embed_std),
+                                                    ("vocab", "embed")))
     if c.n_dense_layers:
       self.dense_layers = _stack(c, False, c.n_dense_layers, "dense_layers")
     if c.n_moe_layers:
