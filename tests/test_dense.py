@@ -158,6 +158,18 @@ def test_greedy_decode_matches_transformers_and_full_forward_argmax(loaded, refe
   np.testing.assert_array_equal(seq[:, Pn:], want)
 
 
+def test_padded_rows_decode_like_unpadded_ones(loaded, reference):
+  """A shorter prompt in a padded batch (left pad in the cache, RoPE positions
+  from 0) continues exactly as it does alone."""
+  cfg, params = loaded["llama3"]
+  prompts = reference["llama3"]["prompt_ids"].copy()
+  prompts[1, 6:] = 0  # row 1: 6 tokens, right-padded on input
+  kw = dict(max_new_tokens=5, rng=jax.random.key(0), temperature=0.0, eos_id=None, pad_id=0)
+  batch = sample(cfg, params, prompts, np.array([10, 6]), padding="right", **kw)
+  alone = sample(cfg, params, prompts[1:, :6], np.array([6]), **kw)
+  np.testing.assert_array_equal(np.asarray(batch.tokens)[1:], np.asarray(alone.tokens))
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_save_then_reload_is_bit_exact(loaded, tmp_path, variant):
   cfg, params = loaded[variant]
