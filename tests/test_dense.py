@@ -18,8 +18,8 @@ import pytest
 
 from r1jax.interop import hf
 from r1jax.model import LatentCache, ModelConfig, Transformer, cache_bytes_per_token
-from r1jax.model import init_params, param_counts
-from r1jax.parallel.mesh import make_mesh
+from r1jax.model import init_params, logical_axes, param_counts
+from r1jax.parallel.mesh import batch_sharding, logical_sharding, make_mesh, replicated
 from r1jax.rl.rollout import sample
 from r1jax.rl.step import GRPOConfig, GRPOStep, reward_from_fn
 from r1jax.tools import plan
@@ -198,17 +198,31 @@ def test_streamed_load_onto_a_mesh(loaded):
 # ----------------------------------------------------------------------------
 # Training on a tiny Qwen2-shaped model.
 
-def test_sft_step_trains_a_gqa_model():
+def test_sft_step_trains_a_gqa_model_and_shards():
+  """Every leaf moves (q/k/v biases included), no balance loss; on a
+  (data 1, fsdp 2, expert 2, tensor 2) mesh (heads over tensor, kv heads
+  whole) the step gives the single-device numbers."""
   cfg = ModelConfig.tiny_gqa(n_layers=1)
   params = init_params(cfg, jax.random.key(0))
-  tokens = jax.random.randint(jax.random.key(1), (2, 8), 1, cfg.vocab_size)
-  batch = dict(tokens=tokens, loss_mask=jnp.ones((2, 8), bool), valid=jnp.ones((2, 8), bool))
+  tokens = jax.random.randint(jax.random.key(1), (4, 8), 1, cfg.vocab_size)
+  valid = jnp.ones((4, 8), jnp.int32).at[1, 5:].set(0)
+  batch = dict(tokens=tokens, loss_mask=valid, valid=valid)
   step = jax.jit(sft.make_train_step(cfg, optax.sgd(0.1)))
-  state, m = step(sft.init_state(params, optax.sgd(0.1)), batch)
+  state = sft.init_state(params, optax.sgd(0.1))
+  want, m = step(state, batch)
   assert np.isfinite(float(m["loss"])) and "balance_loss" not in m
   moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-                       params, state.params)
-  assert all(jax.tree.leaves(moved))  # every leaf, the q/k/v biases included
+                       params, want.params)
+  assert all(jax.tree.leaves(moved))
+  mesh = make_mesh((1, 2, 2, 2))
+  state = jax.device_put(state, sft.TrainState(
+      step=replicated(mesh), params=logical_sharding(mesh, logical_axes(cfg)),
+      opt_state=jax.tree.map(lambda _: replicated(mesh), state.opt_state)))
+  with jax.set_mesh(mesh):
+    got, got_m = step(state, jax.device_put(batch, batch_sharding(mesh)))
+  np.testing.assert_allclose(got_m["loss"], m["loss"], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(got.params), jax.tree.leaves(want.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=0)
 
 
 def test_grpo_step_on_a_tiny_qwen2_model():

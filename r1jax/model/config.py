@@ -250,7 +250,7 @@ class ModelConfig:
         vocab_size=151936, d_model=1536, n_layers=28, n_heads=12, n_kv_heads=2,
         head_dim=128, qkv_bias=True, d_ff=8960, rope_theta=1000000.0,
         max_seq_len=131072, rms_norm_eps=1e-6, tie_embeddings=True,
-        dtype="bfloat16", param_dtype="bfloat16"), **overrides})
+        dtype="bfloat16", param_dtype="bfloat16", remat=True), **overrides})
 
   @classmethod
   def qwen2_5_7b(cls, **overrides) -> "ModelConfig":
