@@ -262,6 +262,10 @@ def with_model_preset(c: ml_collections.ConfigDict, preset: str, **overrides) ->
   unknown = set(overrides) - set(fields)
   if unknown:
     raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
+  if ("n_layers" in overrides and "n_dense_layers" not in overrides
+      and fields["n_dense_layers"] == fields["n_layers"]):
+    # An all-dense preset (the GQA students) stays all dense when resized.
+    overrides = {**overrides, "n_dense_layers": overrides["n_layers"]}
   fields.update(overrides)
   for k, v in fields.items():
     c.model[k] = v

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from r1jax import configs
 from r1jax.interop import hf
 from r1jax.model import LatentCache, ModelConfig, Transformer, cache_bytes_per_token
 from r1jax.model import init_params, logical_axes, param_counts
@@ -85,6 +86,13 @@ def test_released_configs_map_to_the_presets(hf_cfg, preset):
   # Written back in the released spelling, read again: the same config.
   assert hf.config_from_hf(hf.config_to_hf(cfg), dtype="bfloat16",
                            param_dtype="bfloat16", remat=True) == cfg
+
+
+def test_a_resized_dense_preset_stays_dense():
+  c = configs.base()
+  configs.with_model_preset(c, "qwen2_5_1_5b", n_layers=2, d_model=64, vocab_size=512)
+  cfg = configs.model_config(c)
+  assert (cfg.attention_kind, cfg.n_layers, cfg.n_dense_layers) == ("gqa", 2, 2)
 
 
 def test_both_rope_spellings_read_alike():
