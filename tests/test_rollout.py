@@ -255,3 +255,10 @@ def test_rows_stop_independently_at_eos(stops):
     assert (np.asarray(out.logprobs[b, length:]) == 0).all()
   # The loop stops once every row is done, not at max_new_tokens.
   assert int(out.steps) == min(int(np.max(out.lengths)), 8)
+
+
+def test_rollout_module_path():
+  """`r1jax.rl.rollout` is the sampler's module, not a function shadowing it."""
+  import r1jax.rl  # noqa: PLC0415
+  assert r1jax.rl.rollout.sample is sample
+  assert r1jax.rl.rollout.init_cache is init_cache

@@ -1,7 +1,11 @@
-"""Reinforcement learning: the latent-cache sampler, GRPO's pure loss, and the RL step."""
+"""Reinforcement learning: the latent-cache sampler, GRPO's pure loss, and the RL step.
 
-from r1jax.rl.rollout import (Rollout, SamplingConfig, generate, left_pad, rollout, sample,
-                              select_tokens)
+`r1jax.rl.rollout` is the sampler's module (so `r1jax.rl.rollout.sample(cfg, params, …)`
+works as a path); its main entry points are re-exported here too.
+"""
 
-__all__ = ["Rollout", "SamplingConfig", "generate", "left_pad", "rollout", "sample",
+from r1jax.rl import rollout
+from r1jax.rl.rollout import Rollout, SamplingConfig, generate, left_pad, sample, select_tokens
+
+__all__ = ["rollout", "Rollout", "SamplingConfig", "generate", "left_pad", "sample",
            "select_tokens"]
