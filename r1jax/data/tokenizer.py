@@ -136,7 +136,8 @@ class SentencePieceTokenizer:
     for tok in SPECIAL_TOKENS:
       if self._sp.piece_to_id(tok) == self._sp.unk_id():
         raise ValueError(f"tokenizer lacks the special token {tok!r}; train it with "
-                         "r1jax.data.tokenizer.train or add it as a user-defined symbol")
+                         "r1jax.data.tokenizer.train or add it as a user-defined symbol (a toy "
+                         "tokenizer.model from before DeepSeek's fullwidth tokens: delete it)")
     self._control = {self._sp.id_to_piece(i): i for i in (self.bos_id, self.eos_id, self.pad_id)
                      if i >= 0}
     self._split = re.compile("(" + "|".join(map(re.escape, self._control)) + ")")
