@@ -8,6 +8,8 @@ stage on prompt-only math JSONL (question + answer, no solution) runs after it.
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -153,3 +155,15 @@ def test_chat_sft_then_grpo_on_prompt_only_data(tmp_path, monkeypatch, capsys):
   # A rerun loads the toy tokenizer instead of training it again.
   runner.run(c, str(tmp_path))
   assert "loading the toy tokenizer from" in capsys.readouterr().out
+
+
+def test_bad_chat_line_ends_the_run_with_one_line(tmp_path):
+  bad = tmp_path / "chat.jsonl"
+  bad.write_text('{"messages": [{"role": "user", "content": "q"}]}\n', encoding="utf-8")
+  out = subprocess.run(
+      [sys.executable, "-m", "r1jax.main", "--config=experiments/r1/tiny.py:smoke",
+       f"--workdir={tmp_path / 'run'}", f"--config.stages.cold_start.data=chat:{bad}"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip().splitlines()[-1] == (
+      f"error: bad data: {bad}:1: no assistant message, so nothing to learn from")

@@ -130,9 +130,9 @@ def _dataset_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
-  cfg, params = _init(ctx, sc, inputs)
   if sc.data.startswith("chat:"):
-    return _chat_sft(ctx, name, sc, stage_dir, cfg, params)
+    return _chat_sft(ctx, name, sc, inputs, stage_dir)
+  cfg, params = _init(ctx, sc, inputs)
   if sc.data == "task":
     pairs = pipelines.sft_pairs(ctx.tok, ctx.train_examples, sc.template)
   else:
@@ -149,9 +149,10 @@ def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows, ctx.c.seed + 1)
 
 
-def _chat_sft(ctx: Context, name: str, sc, stage_dir: str, cfg: ModelConfig, params) -> dict:
+def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   """SFT on a chat JSONL file: the tokenizer's chat template, loss on assistant tokens.
-  The file's last tenth (at least one conversation) is held out for the loss."""
+  The file's last tenth (at least one conversation) is held out for the loss. The
+  data is read and checked before any weights are loaded."""
   path = sc.data[len("chat:"):]
   conversations = chat_lib.read_chat(path)
   n_eval = max(1, len(conversations) // 10)
@@ -166,6 +167,7 @@ def _chat_sft(ctx: Context, name: str, sc, stage_dir: str, cfg: ModelConfig, par
   if len(rows["tokens"]) < sc.batch_size or not len(eval_rows["tokens"]):
     raise RuntimeError(f"stage {name}: too few conversations of {path} fit in "
                        f"seq_len={sc.seq_len}; raise seq_len")
+  cfg, params = _init(ctx, sc, inputs)
   return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows, ctx.c.seed + 1)
 
 
