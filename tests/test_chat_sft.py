@@ -167,3 +167,22 @@ def test_bad_chat_line_ends_the_run_with_one_line(tmp_path):
   assert out.returncode == 2
   assert out.stderr.strip().splitlines()[-1] == (
       f"error: bad data: {bad}:1: no assistant message, so nothing to learn from")
+
+
+def test_context_holds_what_the_runner_prepared(tmp_path, capsys):
+  from r1jax.data.hf_tokenizer import HFTokenizer
+  from r1jax.pipeline import context as context_lib
+  c = _config()
+  with c.unlocked():
+    c.data.tokenizer_path = HF_DIR
+  train, held_out = context_lib.load_splits(c)
+  assert not any("cot" in e for e in train)  # prompt-only
+  tok = context_lib.prepare_tokenizer(c, str(tmp_path), train)
+  assert isinstance(tok, HFTokenizer)
+  assert capsys.readouterr().out == f"loading tokenizer from {HF_DIR}\n"
+  with pytest.raises(ValueError, match="model.vocab_size=512 is smaller than the tokenizer's 575"):
+    context_lib.Context.create(c, str(tmp_path), tok, train, held_out)
+  with c.unlocked():
+    c.model.vocab_size = 640
+  ctx = context_lib.Context.create(c, str(tmp_path), tok, train, held_out)
+  assert ctx.tok is tok and os.listdir(tmp_path) == []  # building it wrote nothing
