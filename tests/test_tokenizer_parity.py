@@ -109,3 +109,15 @@ def test_sentencepiece_tokenizer_shares_the_interface(tmp_path):
   assert sp.decode(ids) == text
   for s in ("  two  spaces\t\ttab\n\n", "🙂👍🏽 emoji", ""):
     assert sp.decode(sp.encode(s)) == s
+
+
+def test_template_features_beyond_r1s():
+  """tojson keeps non-ASCII text and takes json.dumps' options; `{% generation %}`
+  blocks render their body; loop controls work."""
+  source = ("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}{% endif %}"
+            "{{ m | tojson(sort_keys=True) }}{% generation %}[{{ m['content'] }}]"
+            "{% endgeneration %}{% endfor %}")
+  text = chat_template.render(source, [{"role": "system", "content": "s"},
+                                       {"role": "user", "content": "计算 <b>"}],
+                              add_generation_prompt=False)
+  assert text == '{"content": "计算 <b>", "role": "user"}[计算 <b>]'

@@ -4,9 +4,10 @@ A tokenizer directory's `chat_template` is a Jinja program over `messages`
 (a list of {"role", "content"}), `add_generation_prompt` and the special
 tokens (`bos_token`, `eos_token`, ...). transformers compiles it in a
 sandboxed, immutable environment with `trim_blocks` and `lstrip_blocks`,
-the `loopcontrols` extension, a `raise_exception(msg)` global, a
-`strftime_now(fmt)` global and a `tojson` filter that keeps non-ASCII text
-and takes json.dumps' options; we do the same, so a template written for
+the `loopcontrols` extension, the `{% generation %}` tag, a
+`raise_exception(msg)` global, a `strftime_now(fmt)` global and a `tojson`
+filter that keeps non-ASCII text and takes json.dumps' options; we do the
+same (checked against transformers 5.24), so a template written for
 transformers renders the same string here.
 
 `R1_CHAT_TEMPLATE` is R1's conversation shape, used by the toy sentencepiece
@@ -24,6 +25,7 @@ from typing import Any, Sequence
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 
 # The generation prompt opens the reasoning, as DeepSeek-R1's own template does.
@@ -63,10 +65,26 @@ def _strftime_now(fmt: str) -> str:
   return datetime.datetime.now().strftime(fmt)
 
 
+class _Generation(jinja2.ext.Extension):
+  """`{% generation %}…{% endgeneration %}`: transformers uses it to mark assistant
+  text for masks; here it renders its body unchanged (r1jax.data.chat finds the
+  assistant text itself), so templates that use it still compile."""
+
+  tags = {"generation"}
+
+  def parse(self, parser):
+    lineno = next(parser.stream).lineno
+    body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+    return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+  def _body(self, caller) -> str:
+    return caller()
+
+
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
   env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+      trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _Generation])
   env.filters["tojson"] = _tojson
   env.globals["raise_exception"] = _raise
   env.globals["strftime_now"] = _strftime_now
