@@ -15,6 +15,9 @@ setuptools.setup(
         "orbax-checkpoint>=0.11",
         "grain>=0.2.10",
         "sentencepiece>=0.2",
+        # Hugging Face tokenizer directories (tokenizer.json) and their Jinja chat templates
+        "tokenizers>=0.20",
+        "jinja2>=3.1",
         "ml-collections>=1.0",
         "tensorstore>=0.1.70",
         "absl-py>=2.1",

@@ -45,7 +45,11 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = (-1, 1, 1, 1)  # (data, fsdp, expert, tensor); -1 takes the remaining devices
   # data: `task` names an entry of r1jax.data.tasks.TASKS, which reads its own options here
   # (arithmetic: min/max_steps, max_operand, ops; countdown: min/max_numbers, max_value, max_target,
-  # max_misses; both: zh_fraction). The tokenizer is trained on the training split.
+  # max_misses; both: zh_fraction).
+  # tokenizer_path: a sentencepiece .model file or a Hugging Face tokenizer directory
+  # (tokenizer.json + tokenizer_config.json, with its chat template); required when a
+  # stage starts from "hf:<dir>". "" = the toy tokenizer, trained on the training
+  # split (vocab_size pieces) and kept as workdir/tokenizer.model.
   c.data = ml_collections.ConfigDict(dict(
       task="arithmetic", n_train=4096, n_eval=256, min_steps=1, max_steps=3, zh_fraction=0.25,
       max_operand=20, ops="+-*",
@@ -101,8 +105,13 @@ def pretrain_stage(**kw) -> ml_collections.ConfigDict:
 
 def sft_stage(**kw) -> ml_collections.ConfigDict:
   """SFT with the loss on the response only. data: "task" (worked solutions of the
-  training split in `template`) or "stage:<name>" (a rejection_sample dataset, plus
-  `extra_task_rows` worked solutions, standing in for R1's non-reasoning data)."""
+  training split in `template`), "stage:<name>" (a rejection_sample dataset, plus
+  `extra_task_rows` worked solutions, standing in for R1's non-reasoning data) or
+  "chat:<path>" (a chat JSONL file, one {"messages": [{"role", "content"}, ...]}
+  per line, optional system message first, multi-turn; rendered with the
+  tokenizer's chat template, loss on the assistant's content and end-of-turn
+  token only; the file's last tenth is held out for the loss; see r1jax.data.chat).
+  `template` and `extra_task_rows` do not apply to chat data."""
   keys = dict(kind="sft", init="", data="task", template="r1_zero", extra_task_rows=0)
   keys.update(_train_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
@@ -201,8 +210,9 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
       continue
     v = sc[field]
     if field == "data":
-      if v != "task" and not v.startswith("stage:"):
-        raise ValueError(f"data={v!r}: use 'task' or 'stage:<earlier stage>'")
+      if v != "task" and not v.startswith(("stage:", "chat:")):
+        raise ValueError(f"data={v!r}: use 'task', 'stage:<earlier stage>' or "
+                         "'chat:<chat JSONL file>'")
     elif isinstance(v, str) and v and not v.startswith(("stage:", "hf:")):
       raise ValueError(f"{field}={v!r}: use '' (fresh), 'stage:<earlier stage>' or 'hf:<dir>'")
 

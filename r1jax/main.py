@@ -6,7 +6,7 @@
 Parses flags, joins a multi-process job when the environment asks for one,
 and hands the experiment to the pipeline runner. Nothing else lives here.
 A mistake the user can fix (missing file, unknown or mistyped key, bad launch,
-bad config) ends the run with one line on stderr and exit status 2; a run
+bad config, a bad data line) ends the run with one line on stderr and exit status 2; a run
 stopped by NaN/inf (refused updates, a refused checkpoint) with one line and 1.
 """
 
@@ -100,6 +100,7 @@ def main(argv):
     _fail(f"unexpected arguments: {argv[1:]}")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   # Imported here: reward worker processes re-import this module and need none of it.
+  from r1jax.data.tasks.jsonl import DataError
   from r1jax.parallel import distributed
   from r1jax.pipeline import runner
   from r1jax.pipeline.validate import ConfigError
@@ -112,6 +113,8 @@ def main(argv):
     runner.run(_CONFIG.value, _WORKDIR.value, only=_STAGES.value)
   except ConfigError as e:
     _fail(f"bad config: {e}")
+  except (DataError, FileNotFoundError) as e:  # a bad line (file:line), a missing file
+    _fail(f"bad data: {e}")
   except NonFiniteError as e:
     sys.stderr.write(f"error: {e}\n")
     sys.exit(1)

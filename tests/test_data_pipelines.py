@@ -20,8 +20,10 @@ def examples():
 
 @pytest.fixture(scope="module")
 def tok(examples):
-  corpus = [p + r for name in tokenizer_lib.TEMPLATES
-            for p, r in pipelines.sft_pairs(examples, name)]
+  corpus = [tokenizer_lib.r1_zero_prompt(e["question"]) +
+            tokenizer_lib.r1_zero_response(e["cot"], e["answer"]) for e in examples]
+  corpus += [e["question"] + tokenizer_lib.r1_chat_response(e["cot"], e["answer"])
+             for e in examples]
   return tokenizer_lib.train(corpus, vocab_size=512)
 
 
@@ -103,13 +105,14 @@ def test_bad_batching_is_a_clear_error():
     pipelines.sft_batches({"tokens": np.zeros((4, 2)), "valid": np.zeros((3, 2))}, 2, 0)
 
 
-def test_sft_pairs_need_a_cot_and_a_known_template(examples):
+def test_sft_pairs_need_a_cot_and_a_known_template(tok, examples):
   with pytest.raises(ValueError, match="unknown template 'chatml'.*r1_chat.*r1_zero"):
-    pipelines.sft_pairs(examples, "chatml")
+    pipelines.sft_pairs(tok, examples, "chatml")
   with pytest.raises(ValueError, match="example 1 .* has no 'cot'"):
-    pipelines.sft_pairs([examples[0], {"question": "q", "answer": "1"}], "r1_zero")
-  prompt, response = pipelines.sft_pairs(examples[:1], "r1_chat")[0]
-  assert prompt.endswith("<|Assistant|><think>\n")
+    pipelines.sft_pairs(tok, [examples[0], {"question": "q", "answer": "1"}], "r1_zero")
+  prompt, response = pipelines.sft_pairs(tok, examples[:1], "r1_chat")[0]
+  # The toy tokenizer's own chat template, in DeepSeek's tokens.
+  assert prompt == f"<｜begin▁of▁sentence｜><｜User｜>{examples[0]['question']}<｜Assistant｜><think>\n"
   assert response.endswith(f"</think>\n\n\\boxed{{{examples[0]['answer']}}}")
 
 
@@ -124,7 +127,9 @@ def test_prompt_batch_is_left_padded_like_the_sampler_expects(tok, examples, tem
   fill = tokenizer_lib.get_template(template).prompt
   for row, n, e in zip(prompts, lengths, batch["examples"]):
     assert (row[:128 - n] == tok.pad_id).all() and row[128 - n] == tok.bos_id
-    assert tok.decode(row[128 - n + 1:]) == fill(e["question"])
+    assert (row == tok.bos_id).sum() == 1  # a chat template's own BOS is not doubled
+    assert tok.decode(row[128 - n + 1:]) == fill(tok, e["question"]).removeprefix(
+        tokenizer_lib.BOS_TOKEN)
   # The same layout as the sampler's own conversion from right padding.
   right = np.full_like(prompts, tok.pad_id)
   for i, n in enumerate(lengths):
@@ -168,4 +173,5 @@ def test_prompt_examples_stream_one_example_at_a_time_and_resume(tok, examples):
   resumed.restore(state)
   assert [next(resumed) for _ in range(5)] == expected
   e = expected[0]
-  assert e["prompt_ids"] == [tok.bos_id] + tok.encode(tokenizer_lib.r1_chat_prompt(e["question"]))
+  assert e["prompt_ids"] == tok.encode(tokenizer_lib.r1_chat_prompt(tok, e["question"]))
+  assert e["prompt_ids"][0] == tok.bos_id

@@ -13,7 +13,8 @@ what identifies the data (seed, size, batch size, a checksum), so `restore()`
 continues on exactly the next batch, and refuses a checkpoint taken on other
 data instead of silently resuming somewhere else.
 
-SFT rows: [BOS] prompt response [EOS], right-padded to `seq_len`; `loss_mask`
+SFT rows: [BOS] prompt response [EOS] (one BOS: a chat template that writes
+its own is not given a second), right-padded to `seq_len`; `loss_mask`
 marks the response and EOS (the prompt is context only); `valid` marks
 non-padding tokens. Rows longer than `seq_len` are dropped and counted, never
 cut (a cut response would teach the model to stop mid-answer). Packing several
@@ -89,38 +90,42 @@ def _check_batching(n: int, batch_size: int, seed: int, what: str) -> None:
 # ---------------------------------------------------------------------- SFT
 
 
-def sft_pairs(examples: Sequence[dict], template: str) -> list[tuple[str, str]]:
+def sft_pairs(tok: Tokenizer, examples: Sequence[dict],
+              template: str) -> list[tuple[str, str]]:
   """(prompt, response) texts of examples that carry a worked solution ("cot")."""
   t = tokenizer_lib.get_template(template)
   for i, e in enumerate(examples):
     if "cot" not in e:
       raise ValueError(f"example {i} ({e.get('question', '')!r:.60}) has no 'cot': SFT needs "
                        "worked solutions; use a task with solutions or a dataset with 'cot'")
-  return [(t.prompt(e["question"]), t.response(e["cot"], e["answer"])) for e in examples]
+  return [(t.prompt(tok, e["question"]), t.response(e["cot"], e["answer"])) for e in examples]
 
 
 def encode_rows(tok: Tokenizer, pairs: Sequence[tuple[str, str]],
                 seq_len: int) -> tuple[dict[str, np.ndarray], int]:
   """({tokens, loss_mask, valid}: int32 [N, seq_len], number of pairs dropped for length)."""
-  rows, masks = [], []
-  dropped = 0
+  rows = []
   for prompt, response in pairs:
-    p = [tok.bos_id] + tok.encode(prompt)
+    p = tokenizer_lib.with_bos(tok, prompt)
     r = tok.encode(response) + [tok.eos_id]
-    if len(p) + len(r) > seq_len:
-      dropped += 1
-      continue
-    rows.append(p + r)
-    masks.append([0] * len(p) + [1] * len(r))
-  n = len(rows)
-  tokens = np.full((n, seq_len), tok.pad_id, np.int32)
+    rows.append((p + r, [0] * len(p) + [1] * len(r)))
+  return pad_rows(rows, seq_len, tok.pad_id)
+
+
+def pad_rows(rows: Sequence[tuple[list[int], list[int]]], seq_len: int,
+             pad_id: int) -> tuple[dict[str, np.ndarray], int]:
+  """(ids, loss mask) rows right-padded to `seq_len` as arrays, and the number of rows
+  dropped as longer than `seq_len` (never cut)."""
+  kept = [(ids, mask) for ids, mask in rows if len(ids) <= seq_len]
+  n = len(kept)
+  tokens = np.full((n, seq_len), pad_id, np.int32)
   loss_mask = np.zeros((n, seq_len), np.int32)
   valid = np.zeros((n, seq_len), np.int32)
-  for i, (row, m) in enumerate(zip(rows, masks)):
+  for i, (row, m) in enumerate(kept):
     tokens[i, :len(row)] = row
     loss_mask[i, :len(m)] = m
     valid[i, :len(row)] = 1
-  return {"tokens": tokens, "loss_mask": loss_mask, "valid": valid}, dropped
+  return {"tokens": tokens, "loss_mask": loss_mask, "valid": valid}, len(rows) - n
 
 
 class _Rows:
@@ -168,11 +173,12 @@ def left_pad(ids: Sequence[Sequence[int]], length: int,
 
 def encode_prompts(tok: Tokenizer, examples: Sequence[dict], template: str,
                    max_prompt_len: int) -> tuple[list[list[int]], list[dict], int]:
-  """([BOS] + templated question ids, their examples, number dropped as too long)."""
+  """(templated question ids starting with one BOS, their examples, number dropped as
+  too long). With "r1_chat" the prompt is the tokenizer's own chat template."""
   t = tokenizer_lib.get_template(template)
   ids, kept, dropped = [], [], 0
   for e in examples:
-    row = [tok.bos_id] + tok.encode(t.prompt(e["question"]))
+    row = tokenizer_lib.with_bos(tok, t.prompt(tok, e["question"]))
     if len(row) > max_prompt_len:
       dropped += 1
       continue

@@ -1,10 +1,15 @@
 """What every stage of one run shares: the mesh, the task splits, the tokenizer,
-and moving parameters between stages (orbax, sharded on the way in)."""
+and moving parameters between stages (orbax, sharded on the way in).
+
+`Context` holds; it does no work. The runner prepares what it holds in visible
+steps: `load_splits`, then `prepare_tokenizer` (load one, or train the toy one).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import random
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +19,8 @@ import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
 from r1jax import configs, storage
-from r1jax.data import pipelines, tasks
+from r1jax.data import chat as chat_lib
+from r1jax.data import tasks
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, abstract_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
@@ -41,24 +47,15 @@ class Context:
       print(msg, flush=True)
 
   @classmethod
-  def create(cls, c: ml_collections.ConfigDict, workdir: str) -> "Context":
-    mesh = mesh_lib.make_mesh(tuple(c.mesh))
-    train, held_out = load_splits(c)
-    tok_path = c.data.tokenizer_path or storage.join(workdir, "tokenizer.model")
-    corpus = [p + r for name in tokenizer_lib.TEMPLATES
-              for p, r in pipelines.sft_pairs(train, name)]
-    corpus += [pretrain_document(e, "plain") for e in train] + list(_DIRECT.values())
-    # Process 0 trains and writes the tokenizer; the others wait, then read it.
-    if jax.process_index() == 0:
-      tok = tokenizer_lib.train_or_load(tok_path, corpus, c.data.vocab_size)
-    multihost.barrier("tokenizer")
-    if jax.process_index() != 0:
-      tok = tokenizer_lib.Tokenizer.load(tok_path)
+  def create(cls, c: ml_collections.ConfigDict, workdir: str, tok: tokenizer_lib.Tokenizer,
+             train_examples: list[dict], eval_examples: list[dict]) -> "Context":
+    """The mesh and model config from `c`, with what the runner prepared (no files touched)."""
     model_cfg = configs.model_config(c)
     if tok.vocab_size > model_cfg.vocab_size:
       raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                        f"tokenizer's {tok.vocab_size} pieces; raise model.vocab_size")
-    return cls(c, workdir, mesh, tok, train, held_out, model_cfg)
+    mesh = mesh_lib.make_mesh(tuple(c.mesh))
+    return cls(c, workdir, mesh, tok, train_examples, eval_examples, model_cfg)
 
   # -- moving data onto the mesh
 
@@ -119,6 +116,57 @@ def load_splits(c: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
                            seed=c.seed, **options)
 
 
+def _log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def prepare_tokenizer(c: ml_collections.ConfigDict, workdir: str,
+                      train_examples: list[dict]) -> tokenizer_lib.Tokenizer:
+  """The run's tokenizer, a visible step of the runner.
+
+  `data.tokenizer_path` set: that `.model` file or Hugging Face directory is
+  loaded (it must exist). Unset: the toy tokenizer at `workdir/tokenizer.model`,
+  trained on the training split (and any chat SFT files) the first time.
+  Process 0 trains and writes it; the others wait at a barrier, then read it.
+  """
+  if c.data.tokenizer_path:
+    _log(f"loading tokenizer from {c.data.tokenizer_path}")
+    return tokenizer_lib.load(c.data.tokenizer_path)
+  path = storage.join(workdir, "tokenizer.model")
+  if jax.process_index() == 0:
+    if storage.exists(path):
+      _log(f"loading the toy tokenizer from {path}")
+    else:
+      corpus = toy_corpus(train_examples, chat_files(c))
+      _log(f"training the toy tokenizer on {len(corpus)} documents -> {path}")
+      tokenizer_lib.train(corpus, c.data.vocab_size).save(path)
+  multihost.barrier("tokenizer")
+  return tokenizer_lib.load(path)
+
+
+def chat_files(c: ml_collections.ConfigDict) -> list[str]:
+  """The chat JSONL files that stages of the pipeline read ("chat:<path>")."""
+  return [c.stages[n].data[len("chat:"):] for n in c.pipeline
+          if isinstance(c.stages[n].get("data"), str) and c.stages[n].data.startswith("chat:")]
+
+
+def toy_corpus(examples: list[dict], chat_paths: Sequence[str] = ()) -> list[str]:
+  """Texts to train the toy tokenizer on: each example in the forms the stages write
+  (R1-Zero and R1-chat prompt + response, plain document) where it has a worked
+  solution, its plain document alone where not (prompt-only data); chat contents."""
+  corpus = []
+  for e in examples:
+    if "cot" in e:
+      corpus.append(pretrain_document(e, "r1_zero"))
+      corpus.append(f"{tokenizer_lib.USER_TOKEN}{e['question']}{tokenizer_lib.ASSISTANT_TOKEN}"
+                    f"<think>\n{tokenizer_lib.r1_chat_response(e['cot'], e['answer'])}")
+  corpus += [pretrain_document(e, "plain") for e in examples] + list(_DIRECT.values())
+  for path in chat_paths:
+    corpus += [m["content"] for messages in chat_lib.read_chat(path) for m in messages]
+  return corpus
+
+
 def pretrain_document(example: dict, style: str, rng: random.Random | None = None,
                       wrong_answer_rate: float = 0.0, direct_answer_rate: float = 0.0) -> str:
   """A problem with its solution as plain text, the way a web corpus would hold it.
@@ -132,13 +180,14 @@ def pretrain_document(example: dict, style: str, rng: random.Random | None = Non
   to multi-step problems are mostly wrong, which is what RL can learn to avoid.
   """
   answer = example["answer"]
-  cot = example["cot"]
+  cot = example.get("cot", "")  # a prompt-only example has none: it is stated directly
   if rng is not None and wrong_answer_rate and rng.random() < wrong_answer_rate:
     wrong = _perturb(answer, rng)
     head, found, tail = cot.rpartition(answer)  # the final statement of the answer
     cot = head + wrong + tail if found else cot
     answer = wrong
-  direct = rng is not None and direct_answer_rate and rng.random() < direct_answer_rate
+  direct = "cot" not in example or (rng is not None and direct_answer_rate and
+                                    rng.random() < direct_answer_rate)
   if direct:
     cot = _DIRECT.get(example.get("language", "en"), _DIRECT["en"])
   if style == "r1_zero":

@@ -49,7 +49,11 @@ def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None =
   workdir = str(storage.path(workdir))
   if jax.process_index() == 0:
     storage.makedirs(workdir)
-  ctx = context_lib.Context.create(c, workdir)
+  # What the stages share, prepared in plain sight: the data, then the tokenizer
+  # (loaded from data.tokenizer_path, or the toy one trained once per workdir).
+  train, held_out = context_lib.load_splits(c)
+  tok = context_lib.prepare_tokenizer(c, workdir, train)
+  ctx = context_lib.Context.create(c, workdir, tok, train, held_out)
   if ctx.is_main_process:  # what produced this workdir (the sweep's reuse reads it too)
     storage.write_text(storage.join(workdir, "config.json"),
                        c.to_json_best_effort(indent=1, sort_keys=True))

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from r1jax import configs, storage
+from r1jax.data import chat as chat_lib
 from r1jax.data import pipelines
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, param_counts
@@ -129,19 +130,44 @@ def _dataset_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
+  if sc.data.startswith("chat:"):
+    return _chat_sft(ctx, name, sc, inputs, stage_dir)
   cfg, params = _init(ctx, sc, inputs)
   if sc.data == "task":
-    pairs = pipelines.sft_pairs(ctx.train_examples, sc.template)
+    pairs = pipelines.sft_pairs(ctx.tok, ctx.train_examples, sc.template)
   else:
     # R1 §2.3.3 mixes the sampled reasoning data with other SFT data; here the
     # task's worked solutions stand in for it.
+    extra = ctx.train_examples[:sc.extra_task_rows]
     pairs = (_dataset_pairs(inputs[_ref(sc.data)]["dataset"]) +
-             pipelines.sft_pairs(ctx.train_examples[:sc.extra_task_rows], sc.template))
+             pipelines.sft_pairs(ctx.tok, extra, sc.template))
   if len(pairs) < sc.batch_size:
     raise RuntimeError(f"stage {name}: {len(pairs)} training rows, fewer than one batch of "
                        f"{sc.batch_size}; raise extra_task_rows or sample more upstream")
-  eval_pairs = pipelines.sft_pairs(ctx.eval_examples, sc.template)
+  eval_pairs = pipelines.sft_pairs(ctx.tok, ctx.eval_examples, sc.template)
   rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
+  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows, ctx.c.seed + 1)
+
+
+def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
+  """SFT on a chat JSONL file: the tokenizer's chat template, loss on assistant tokens.
+  The file's last tenth (at least one conversation) is held out for the loss. The
+  data is read and checked before any weights are loaded."""
+  path = sc.data[len("chat:"):]
+  conversations = chat_lib.read_chat(path)
+  n_eval = max(1, len(conversations) // 10)
+  if len(conversations) - n_eval < sc.batch_size:
+    raise RuntimeError(f"stage {name}: {path} has {len(conversations)} conversations; with "
+                       f"{n_eval} held out, fewer than one batch of {sc.batch_size}")
+  rows, dropped = chat_lib.chat_rows(ctx.tok, conversations[:-n_eval], sc.seq_len)
+  eval_rows, _ = chat_lib.chat_rows(ctx.tok, conversations[-n_eval:], sc.seq_len)
+  ctx.log(f"  {len(conversations) - n_eval} conversations from {path}, {n_eval} held out")
+  if dropped:
+    ctx.log(f"  dropped {dropped} conversations longer than seq_len={sc.seq_len}")
+  if len(rows["tokens"]) < sc.batch_size or not len(eval_rows["tokens"]):
+    raise RuntimeError(f"stage {name}: too few conversations of {path} fit in "
+                       f"seq_len={sc.seq_len}; raise seq_len")
+  cfg, params = _init(ctx, sc, inputs)
   return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows, ctx.c.seed + 1)
 
 
@@ -401,11 +427,11 @@ def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   del teacher
   student_cfg = ModelConfig(**sc.student.to_dict())
   pairs = (_dataset_pairs(traces["dataset"]) +
-           pipelines.sft_pairs(ctx.train_examples[:sc.extra_task_rows], sc.template))
+           pipelines.sft_pairs(ctx.tok, ctx.train_examples[:sc.extra_task_rows], sc.template))
   if len(pairs) < sc.batch_size:
     raise RuntimeError(f"stage {name}: the teacher left {traces['rows_kept']} usable traces, "
                        f"fewer than one batch of {sc.batch_size}")
-  eval_pairs = pipelines.sft_pairs(ctx.eval_examples, sc.template)
+  eval_pairs = pipelines.sft_pairs(ctx.tok, ctx.eval_examples, sc.template)
   rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
   out = _supervised(ctx, sc, stage_dir, student_cfg, None, rows, eval_rows, ctx.c.seed + 31)
   out.update({f"traces_{k}": v for k, v in traces.items() if k != "dataset"})

@@ -38,6 +38,33 @@ def _check_mesh(c: ml_collections.ConfigDict, n_devices: int | None) -> None:
     raise ConfigError(f"mesh: {e.args[0].rstrip('.')}{where}") from None
 
 
+def _missing(path: str) -> bool:
+  """A local path that does not exist (remote ones are checked when read)."""
+  from r1jax import storage  # noqa: PLC0415
+  return not storage.is_remote(path) and not storage.exists(path)
+
+
+def _check_tokenizer(c: ml_collections.ConfigDict) -> None:
+  """A pretrained checkpoint needs its own tokenizer: a toy one trained here would
+  give its ids other meanings. A named tokenizer or chat file must exist."""
+  path = c.data.tokenizer_path
+  for name in c.pipeline:
+    sc = c.stages[name]
+    for field in ("init", "teacher"):
+      v = sc.get(field)
+      if isinstance(v, str) and v.startswith("hf:") and not path:
+        raise ConfigError(f"data.tokenizer_path: unset, but stages.{name}.{field}={v!r} is a "
+                          "pretrained checkpoint; set it to that model's tokenizer directory "
+                          "(tokenizer.json) or .model file")
+    data = sc.get("data")
+    if isinstance(data, str) and data.startswith("chat:") and _missing(data[len("chat:"):]):
+      raise ConfigError(f"stages.{name}.data: no chat file {data[len('chat:'):]!r}")
+  if path and _missing(path):
+    raise ConfigError(f"data.tokenizer_path: {path!r} does not exist; name a sentencepiece "
+                      ".model file or a Hugging Face tokenizer directory (tokenizer.json), or "
+                      "leave it '' to train the toy tokenizer")
+
+
 def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
              n_devices: int | None = None) -> None:
   """Raises ConfigError; `n_devices` (default: the devices present) sizes the mesh."""
@@ -70,6 +97,7 @@ def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
     unknown = [s for s in only if s not in c.pipeline]
     if unknown:
       raise ConfigError(f"--stages: {unknown} not in pipeline {list(c.pipeline)}")
+  _check_tokenizer(c)
   try:
     configs.model_config(c)
   except (ValueError, TypeError) as e:

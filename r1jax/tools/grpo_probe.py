@@ -38,7 +38,9 @@ def main(argv):
   from r1jax.train.optim import OptimConfig
 
   c = _CONFIG.value
-  ctx = context_lib.Context.create(c, _WORKDIR.value)
+  train, held_out = context_lib.load_splits(c)
+  tok = context_lib.prepare_tokenizer(c, _WORKDIR.value, train)
+  ctx = context_lib.Context.create(c, _WORKDIR.value, tok, train, held_out)
   with storage.path(f"{_WORKDIR.value}/{_INIT.value}/outputs.json").open() as f:
     cfg, params = ctx.load_params(json.load(f))
   template = c.stages.grpo.template if "grpo" in c.stages else "r1_zero"
