@@ -32,7 +32,10 @@ def get_config(arg: str | None = None):
   c.mesh = (1, 8, 8, 8)
   c.data.update(dict(task="math_jsonl", train_path="gs://BUCKET/data/math_train.jsonl",
                      eval_path="gs://BUCKET/data/aime24.jsonl", n_train=0, n_eval=30,
-                     vocab_size=129280, tokenizer_path="gs://BUCKET/deepseek_v3/tokenizer.model"))
+                     vocab_size=129280,
+                     # the Hugging Face tokenizer directory (tokenizer.json + tokenizer_config.json
+                     # with its chat template), as DeepSeek ships it beside the weights
+                     tokenizer_path="gs://BUCKET/deepseek_v3"))
   c.pipeline = ("grpo",)
   c.stages.grpo = configs.grpo_stage(
       init="hf:/mnt/checkpoints/DeepSeek-V3-Base-bf16",

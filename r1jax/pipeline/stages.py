@@ -33,7 +33,7 @@ def _ref(value: str) -> str:
 def _init(ctx: Context, sc, inputs: dict, field: str = "init") -> tuple[ModelConfig, object]:
   """(model config, params or None for a fresh start) named by `sc.<field>`:
   "stage:<name>" (an earlier stage's weights), "hf:<dir>" (a Hugging Face
-  DeepSeek-V3/R1 checkpoint in bf16 safetensors) or "" (fresh)."""
+  DeepSeek-V3/R1, Qwen2 or Llama checkpoint in safetensors) or "" (fresh)."""
   ref = sc[field]
   if ref.startswith("stage:"):
     return ctx.load_params(inputs[_ref(ref)])
