@@ -102,7 +102,7 @@ def summarise(records: list[dict], k: int, pass_ks: Sequence[int] = (),
 def write(ctx: Context, stage_dir: str, results: dict, records: list[dict]) -> None:
   """eval.json ({benchmark: metrics}) and samples.jsonl (one line per sample), by process 0."""
   if ctx.is_main_process:
-    storage.write_json(storage.join(stage_dir, "eval.json"), results, indent=1, sort_keys=True)
+    storage.write_json(storage.join(stage_dir, "eval.json"), results, indent=1)
     storage.write_jsonl(storage.join(stage_dir, "samples.jsonl"), records)
 
 
