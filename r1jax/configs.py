@@ -207,12 +207,11 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
           f"optim.total_steps={sc.optim.total_steps} must equal steps × updates per rollout "
           f"= {sc.steps} × {g.updates_per_step} (grpo.n_minibatches × grpo.num_iterations) = "
           f"{sc.steps * g.updates_per_step}: steps counts rollouts, optim.total_steps updates")
+  from r1jax.rl.rollout import SamplingConfig  # raises on a bad temperature / top-p / top-k
   if "eval_top_p" in sc:
-    from r1jax.rl.rollout import SamplingConfig
     SamplingConfig(sc.eval_temperature, sc.eval_top_p, sc.eval_top_k)
   if sc.kind == "eval":
     from r1jax.eval import benchmarks
-    from r1jax.rl.rollout import SamplingConfig
     benchmarks.parse(sc.benchmarks)
     SamplingConfig(sc.temperature, sc.top_p, sc.top_k)
     if not sc.init:

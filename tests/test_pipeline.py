@@ -82,7 +82,8 @@ def _check_eval_stage(workdir: str, stage: str, out: dict, sc) -> None:
       assert out[f"{bench}/{key}"] == pytest.approx(value)
   with open(os.path.join(workdir, "summary.md")) as f:
     table = f.read()
-  assert f"| {stage} | held_out | {sc.max_prompts} | {k} | {ev['held_out']['pass@1']:.3f} |" in table
+  row = f"| {stage} | held_out | {sc.max_prompts} | {k} | {ev['held_out']['pass@1']:.3f} |"
+  assert row in table
 
 
 def test_every_experiment_ends_with_an_eval_stage(zero_run, r1_run, distill_run):

@@ -197,7 +197,8 @@ def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, te
                                           ctx.tok.pad_id)
     ro = sample(cfg, params, prompts, lengths, max_new_tokens=max_new_tokens,
                 rng=jax.random.fold_in(jax.random.key(seed), b), temperature=temperature,
-                top_p=top_p, top_k=top_k, eos_id=ctx.tok.eos_id, pad_id=ctx.tok.pad_id, mesh=ctx.mesh)
+                top_p=top_p, top_k=top_k, eos_id=ctx.tok.eos_id, pad_id=ctx.tok.pad_id,
+                mesh=ctx.mesh)
     mine += [start + r for r in multihost.my_rows(ro.lengths) if r < len(chunk)]
     got = multihost.allgather({"tokens": ro.tokens, "lengths": ro.lengths,
                                "finished": ro.finished})
