@@ -68,8 +68,9 @@ def _train_keys(**kw) -> dict:
               micro_batches=1,
               optim=ml_collections.ConfigDict(_fields(OptimConfig())),
               # Held-out accuracy after training (0 prompts = skip), sampled in eval_template.
-              eval_prompts=0, eval_samples=1, eval_temperature=0.6, eval_template="r1_zero",
-              eval_max_prompt_len=112, eval_max_new_tokens=64)
+              eval_prompts=0, eval_samples=1, eval_temperature=0.6, eval_top_p=0.95,
+              eval_top_k=0, eval_template="r1_zero", eval_max_prompt_len=112,
+              eval_max_new_tokens=64)
   return _apply(keys, kw)
 
 
@@ -119,7 +120,7 @@ def sft_stage(**kw) -> ml_collections.ConfigDict:
 
 def _sampling_keys() -> dict:
   return dict(template="r1_zero", prompts=256, samples_per_prompt=4, keep_per_prompt=1,
-              temperature=1.0, top_p=1.0, max_prompt_len=112, max_new_tokens=64,
+              temperature=1.0, top_p=1.0, top_k=0, max_prompt_len=112, max_new_tokens=64,
               batch_rows=128, min_language=0.95,
               # Share of repeated word trigrams allowed: worked sums repeat "+ 5 =" a
               # few times (0 dropped 920 of 8,192 good distill traces); loops score > 0.5.
@@ -156,7 +157,25 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
               reward_workers=2, grpo=ml_collections.ConfigDict(_fields(GRPOConfig())),
               steps=50, log_every=1, checkpoint_every=10,
               optim=ml_collections.ConfigDict(_fields(OptimConfig())),
-              eval_prompts=128, eval_samples=2, eval_temperature=0.6)
+              eval_prompts=128, eval_samples=2, eval_temperature=0.6, eval_top_p=0.95,
+              eval_top_k=0)
+  return ml_collections.ConfigDict(_apply(keys, kw))
+
+
+def eval_stage(**kw) -> ml_collections.ConfigDict:
+  """Evaluates `init`'s weights ("stage:<name>" or "hf:<dir>") on `benchmarks`:
+  `samples` (k) completions per prompt, pass@1, cons@k, pass@k for each k of
+  `pass_ks` up to k, format, truncation and language rates (r1jax/eval).
+
+  benchmarks: ((name, source[, layout]), ...); source "task:held_out" is the run's
+  held-out split, anything else a math JSONL file whose layout ("auto", "math500",
+  "aime", "gsm8k") says where its gold answer is. max_prompts caps each benchmark
+  (0 = all). The sampling defaults are R1's evaluation settings (T 0.6, top-p 0.95,
+  the R1 chat template); batch_rows caps the sampler's batch."""
+  keys = dict(kind="eval", init="", benchmarks=(("held_out", "task:held_out"),),
+              max_prompts=0, samples=8, temperature=0.6, top_p=0.95, top_k=0,
+              template="r1_chat", max_prompt_len=112, max_new_tokens=64, batch_rows=256,
+              pass_ks=(1, 2, 4, 8, 16, 32, 64))
   return ml_collections.ConfigDict(_apply(keys, kw))
 
 
@@ -202,6 +221,18 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
           f"optim.total_steps={sc.optim.total_steps} must equal steps × updates per rollout "
           f"= {sc.steps} × {g.updates_per_step} (grpo.n_minibatches × grpo.num_iterations) = "
           f"{sc.steps * g.updates_per_step}: steps counts rollouts, optim.total_steps updates")
+  from r1jax.rl.rollout import SamplingConfig  # raises on a bad temperature / top-p / top-k
+  if "eval_top_p" in sc:
+    SamplingConfig(sc.eval_temperature, sc.eval_top_p, sc.eval_top_k)
+  if sc.kind == "eval":
+    from r1jax.eval import benchmarks
+    benchmarks.parse(sc.benchmarks)
+    SamplingConfig(sc.temperature, sc.top_p, sc.top_k)
+    if not sc.init:
+      raise ValueError("init='': an eval stage needs weights ('stage:<name>' or 'hf:<dir>')")
+    if sc.samples < 1 or sc.max_prompts < 0:
+      raise ValueError(f"samples={sc.samples} must be >= 1 and max_prompts={sc.max_prompts} "
+                       ">= 0 (0 = all)")
   if "batch_rows" in sc and sc.batch_rows % n_dp:
     raise ValueError(f"batch_rows={sc.batch_rows} is not a multiple of the {n_dp} "
                      "data-parallel devices")

@@ -63,12 +63,12 @@ def test_sweep_reuses_equal_stages_and_writes_a_table(tmp_path, zero_run):
     assert 0.0 <= summaries[arm]["grpo"]["accuracy_after"] <= 1.0
   # A later sweep may start from these arms' runs: config.json says what they were.
   other, _, finished = sweep.earlier_run(str(tmp_path / "b0"))
-  assert finished == {"pretrain", "grpo"}
+  assert finished == {"pretrain", "eval_base", "grpo", "eval"}
   b1 = module.get_config("b1e-3,smoke")
   assert sweep.reusable(b1, "pretrain", other, finished)
   assert not sweep.reusable(b1, "grpo", other, finished)
   text = sweep.table(summaries)
-  assert text.count("\n") == 1 + 4 and "| b0 | grpo |" in text
+  assert text.count("\n") == 1 + 8 and "| b0 | grpo |" in text  # 2 arms × 4 stages
 
 
 def test_sweep_submit_dry_run_prints_one_launch_per_arm(tmp_path):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from r1jax.pipeline import runner
@@ -20,8 +21,8 @@ pytestmark = pytest.mark.xdist_group("smoke")
 
 def test_r1_zero_smoke_writes_every_artifact(zero_run):
   workdir, results = zero_run
-  assert list(results) == ["pretrain", "grpo"]
-  for stage in results:
+  assert list(results) == ["pretrain", "eval_base", "grpo", "eval"]
+  for stage in ("pretrain", "grpo"):
     d = os.path.join(workdir, stage)
     for name in ("outputs.json", "metrics.jsonl", "metrics.png", "params"):
       assert os.path.exists(os.path.join(d, name)), (stage, name)
@@ -44,7 +45,7 @@ def test_rerun_skips_finished_stages(zero_run, capsys):
   again = runner.run(load_config("experiments/r1_zero/tiny.py", "smoke"), workdir)
   assert again["grpo"]["accuracy_after"] == results["grpo"]["accuracy_after"]
   assert os.path.getmtime(os.path.join(workdir, "grpo", "outputs.json")) == stamp
-  assert capsys.readouterr().out.count("finished earlier; skipping") == 2
+  assert capsys.readouterr().out.count("finished earlier; skipping") == 4
 
 
 def test_other_experiments_run_end_to_end(r1_run, distill_run):
@@ -54,6 +55,47 @@ def test_other_experiments_run_end_to_end(r1_run, distill_run):
   _, results = distill_run
   assert list(results) == list(load_config("experiments/distill/tiny.py", "smoke").pipeline)
   assert results["distill"]["student_params"] < results["distill"]["teacher_params"]
+
+
+def _check_eval_stage(workdir: str, stage: str, out: dict, sc) -> None:
+  """eval.json, samples.jsonl and the stage's outputs tell the same story."""
+  d = os.path.join(workdir, stage)
+  with open(os.path.join(d, "eval.json")) as f:
+    ev = json.load(f)
+  samples = read_jsonl(os.path.join(d, "samples.jsonl"))
+  assert list(ev) == [b[0] for b in sc.benchmarks]
+  k = sc.samples
+  for bench, m in ev.items():
+    rows = [r for r in samples if r["benchmark"] == bench]
+    assert m["k"] == k and m["n_prompts"] == sc.max_prompts and len(rows) == k * sc.max_prompts
+    assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [
+        (p, s) for p in range(sc.max_prompts) for s in range(k)]
+    assert m["pass@1"] == pytest.approx(np.mean([r["correct"] for r in rows]))
+    assert m["response_len"] == pytest.approx(np.mean([r["tokens"] for r in rows]))
+    assert m["truncated"] == pytest.approx(1 - np.mean([r["finished"] for r in rows]))
+    for r in rows:
+      assert set(r) >= {"completion", "extracted", "correct", "tokens"}
+      assert r["correct"] <= (r["extracted"] is not None)  # a right sample has an answer
+    assert 0.0 <= m[f"cons@{k}"] <= m[f"pass@{k}"] <= 1.0  # the vote needs a right sample
+    assert m["pass@1"] <= m[f"pass@{k}"]
+    for key, value in m.items():
+      assert out[f"{bench}/{key}"] == pytest.approx(value)
+  with open(os.path.join(workdir, "summary.md")) as f:
+    table = f.read()
+  row = f"| {stage} | held_out | {sc.max_prompts} | {k} | {ev['held_out']['pass@1']:.3f} |"
+  assert row in table
+
+
+def test_every_experiment_ends_with_an_eval_stage(zero_run, r1_run, distill_run):
+  for path, (workdir, results) in (("experiments/r1_zero/tiny.py", zero_run),
+                                   ("experiments/r1/tiny.py", r1_run),
+                                   ("experiments/distill/tiny.py", distill_run)):
+    c = load_config(path, "smoke")
+    assert c.stages[c.pipeline[-1]].kind == "eval", path
+    for stage in c.pipeline:
+      if c.stages[stage].kind == "eval":
+        assert [b[0] for b in c.stages[stage].benchmarks] == ["held_out", "arith_math500"]
+        _check_eval_stage(workdir, stage, results[stage], c.stages[stage])
 
 
 def test_bad_config_flag_is_a_one_line_error(tmp_path):

@@ -1,5 +1,6 @@
 """Distillation at toy scale (R1 §2.4): the R1-Zero tiny model, after GRPO, writes
-reasoning traces; a smaller dense student learns them by SFT alone.
+reasoning traces; a smaller dense student learns them by SFT alone; an eval stage
+benchmarks the student (pass@1 and cons@8, held-out and the MATH-500-layout file).
 
   python -m r1jax.main --config=experiments/distill/tiny.py --workdir=/tmp/r1jax_distill
 """
@@ -12,7 +13,7 @@ def get_config(arg: str | None = None):
   zero = configs.experiment("r1_zero/tiny.py")
   c = zero.get_config()
   with c.unlocked():
-    c.pipeline = ("pretrain", "grpo", "distill")
+    c.pipeline = ("pretrain", "grpo", "distill", "eval")
     # A dense student, two layers narrower than the teacher's three: no routed
     # experts, no MTP; about a third of the teacher's parameters.
     student = ModelConfig.tiny(vocab_size=512, max_seq_len=256, d_model=96, n_layers=2,
@@ -26,6 +27,7 @@ def get_config(arg: str | None = None):
         max_prompt_len=112, max_new_tokens=64, steps=400, batch_size=32, seq_len=176,
         eval_prompts=128, eval_samples=2,
         optim=dict(learning_rate=3e-3, warmup_steps=10, total_steps=400, weight_decay=0.01))
+    c.stages.eval = zero.eval_stage("stage:distill", "r1_zero")
     if arg == "smoke":
       zero.shrink(c)
   c.lock()

@@ -3,7 +3,8 @@
   pretrain → cold-start SFT (R1-chat template, readable worked solutions)
   → reasoning GRPO (accuracy + format + language consistency)
   → rejection sampling (correct, single-language, non-repetitive samples)
-  → SFT of the base model on them → alignment GRPO (lower temperature, R1 §2.3.4).
+  → SFT of the base model on them → alignment GRPO (lower temperature, R1 §2.3.4)
+  → eval (R1's benchmark settings in its chat template: pass@1 and cons@8).
 
   python -m r1jax.main --config=experiments/r1/tiny.py --workdir=/tmp/r1jax_r1
 """
@@ -18,7 +19,8 @@ def get_config(arg: str | None = None):
     template = "r1_chat"
     rl = dict(template=template, eval_prompts=128, eval_samples=2, eval_temperature=0.6,
               grpo=dict(max_prompt_len=48, max_new_tokens=64))
-    c.pipeline = ("pretrain", "cold_start", "reasoning_rl", "rejection", "sft", "alignment_rl")
+    c.pipeline = ("pretrain", "cold_start", "reasoning_rl", "rejection", "sft", "alignment_rl",
+                  "eval")
     c.stages.cold_start = configs.sft_stage(
         init="stage:pretrain", data="task", template=template, steps=60, batch_size=32,
         seq_len=128, eval_template=template, eval_max_prompt_len=48,
@@ -50,6 +52,7 @@ def get_config(arg: str | None = None):
                                            temperature=0.7, ref_reset_every=0))
     c.stages.alignment_rl.optim.update(dict(learning_rate=1e-4, warmup_steps=1,
                                             total_steps=20, weight_decay=0.0))
+    c.stages.eval = zero.eval_stage("stage:alignment_rl", template)
     if arg == "smoke":
       zero.shrink(c)
   c.lock()

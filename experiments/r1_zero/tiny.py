@@ -7,7 +7,11 @@ base model can reason but in the template often does not; its blurted answers
 to multi-step sums are mostly wrong. GRPO with the rule-based accuracy + format
 rewards (R1 §2.2) on the training prompts then teaches it to think before it
 answers: held-out pass@1 (temperature 1) and the response length both rise, as
-in the paper's Figures 2 and 3. The README's main command:
+in the paper's Figures 2 and 3. Eval stages before and after GRPO score both
+models the way R1 reports benchmarks (8 samples per prompt at T 0.6, top-p 0.95:
+pass@1 and cons@8) on the held-out split and on a MATH-500-layout file of the
+same kind of problems (experiments/data/arith_math500.jsonl). The README's main
+command:
 
   python -m r1jax.main --config=experiments/r1_zero/tiny.py --workdir=/tmp/r1jax
 """
@@ -27,7 +31,7 @@ def get_config(arg: str | None = None):
   # learn, while answering a three-step sum at once is mostly a guess.
   c.data.update(dict(task="arithmetic", min_steps=1, max_steps=3, max_operand=9, ops="+",
                      zh_fraction=0.25, n_train=4096, n_eval=200))
-  c.pipeline = ("pretrain", "grpo")
+  c.pipeline = ("pretrain", "eval_base", "grpo", "eval")
   c.stages.pretrain = configs.pretrain_stage(
       steps=600, batch_size=32, seq_len=160, r1_zero_fraction=0.3, direct_answer_rate=0.6,
       log_every=20, checkpoint_every=100,
@@ -35,15 +39,29 @@ def get_config(arg: str | None = None):
   c.stages.grpo = configs.grpo_stage(
       init="stage:pretrain", rewards=(("accuracy", 1.0), ("format", 0.5)),
       steps=30, log_every=1, checkpoint_every=10, eval_prompts=128, eval_samples=2,
-      eval_temperature=1.0,
+      eval_temperature=1.0, eval_top_p=1.0,
       grpo=dict(group_size=8, prompts_per_step=16, max_prompt_len=112, max_new_tokens=64,
                 temperature=1.0, n_minibatches=2, num_iterations=1, beta=0.001,
                 ref_reset_every=0),
       optim=dict(learning_rate=2e-4, warmup_steps=2, total_steps=60, weight_decay=0.0))
+  # The toy model is evaluated in the template it was trained in. 64 prompts per
+  # benchmark × 8 samples: two sampler batches of 512 rows, about 25 s a stage
+  # (100 prompts took 34-42 s, too much of the main job's 10 minutes).
+  c.stages.eval_base = eval_stage("stage:pretrain", "r1_zero")
+  c.stages.eval = eval_stage("stage:grpo", "r1_zero")
   if arg == "smoke":
     shrink(c)
   c.lock()
   return c
+
+
+def eval_stage(init: str, template: str):
+  """The experiments' benchmark stage: the held-out split and a MATH-500-layout file."""
+  return configs.eval_stage(
+      init=init, benchmarks=(("held_out", "task:held_out"),
+                             ("arith_math500", "experiments/data/arith_math500.jsonl")),
+      max_prompts=64, samples=8, temperature=0.6, top_p=0.95, template=template,
+      max_prompt_len=112, max_new_tokens=64, batch_rows=512)
 
 
 def shrink(c) -> None:
@@ -51,6 +69,9 @@ def shrink(c) -> None:
   c.data.n_train, c.data.n_eval = 256, 32
   for name in c.pipeline:
     sc = c.stages[name]
+    if sc.kind == "eval":
+      sc.max_prompts, sc.samples, sc.max_new_tokens, sc.batch_rows = 4, 4, 16, 16
+      continue
     sc.steps = 2
     sc.log_every = 1
     sc.checkpoint_every = 1

@@ -56,11 +56,38 @@ def summary_table(results: dict[str, dict]) -> str:
   return "\n".join(lines)
 
 
+def eval_table(results: dict[str, dict]) -> str:
+  """One row per (eval stage, benchmark) from the stages' "<benchmark>/<metric>" outputs;
+  "" when the run has no eval stage."""
+  rows = []
+  for name, out in results.items():
+    if out.get("kind") != "eval":
+      continue
+    benches = dict.fromkeys(k.split("/")[0] for k in out if "/" in k)
+    for b in benches:
+      m = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith(b + "/")}
+      k = int(m["k"])
+      passes = ", ".join(f"{_fmt(m[f'pass@{n}'])} (@{n})" for n in (2, 4, 8, 16, 32, 64)
+                         if f"pass@{n}" in m)
+      rows.append(f"| {name} | {b} | {int(m['n_prompts'])} | {k} | {_fmt(m['pass@1'])} | "
+                  f"{_fmt(m[f'cons@{k}'])} | {passes} | {_fmt(m['format'])} | "
+                  f"{_fmt(m['truncated'])} | {_fmt(m['language'])} | "
+                  f"{m['response_len']:.1f} |")
+  if not rows:
+    return ""
+  head = ("| eval stage | benchmark | prompts | k | pass@1 | cons@k | pass@k | format | "
+          "truncated | language | tokens |")
+  return "\n".join([head, "|" + "---|" * 11] + rows)
+
+
 def write(workdir: str, c, results: dict[str, dict], log: Callable[[str], None] = print) -> None:
   for name in results:
     path = plot_stage(storage.join(workdir, name), f"{name} ({results[name].get('kind', '')})")
     if path:
       log(f"[report] {path}")
   table = summary_table(results)
+  evals = eval_table(results)
+  if evals:
+    table += "\n\n" + evals
   storage.write_text(storage.join(workdir, "summary.md"), table + "\n")
   log(table)

@@ -22,13 +22,15 @@ StageFn = Callable[..., dict]
 
 
 def _registry() -> dict[str, StageFn]:
-  from r1jax.pipeline import stages  # imported late: stages pull in JAX and the model
+  from r1jax.eval.stage import eval_stage  # imported late: stages pull in JAX and the model
+  from r1jax.pipeline import stages
   return {
       "pretrain": stages.pretrain,
       "sft": stages.sft,
       "grpo": stages.grpo,
       "rejection_sample": stages.rejection_sample,
       "distill": stages.distill,
+      "eval": eval_stage,
   }
 
 

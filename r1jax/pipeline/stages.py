@@ -7,6 +7,7 @@ weights, "dataset" for stages that produce data, and the stage's figures.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
 
 import jax
@@ -28,6 +29,16 @@ from r1jax.train import trainer
 
 def _ref(value: str) -> str:
   return value[len("stage:"):]
+
+
+def stage_seed(run_seed: int, stage: str, purpose: str) -> int:
+  """A seed for one use (`purpose`: "rollout", "prompts", "eval", ...) in one stage.
+
+  A stable hash (not Python's salted `hash`) of the run seed, the stage name and
+  the purpose: two stages of one run (R1's reasoning and alignment GRPO) draw
+  different prompts and samples, and a rerun or another process draws the same."""
+  digest = hashlib.sha256(f"{run_seed}/{stage}/{purpose}".encode()).digest()
+  return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def _init(ctx: Context, sc, inputs: dict, field: str = "init") -> tuple[ModelConfig, object]:
@@ -67,9 +78,11 @@ def _supervised(ctx: Context, sc, stage_dir: str, cfg: ModelConfig, params, rows
           f"{summary['eval_loss_after']:.3f}")
   out = {**ctx.save_params(stage_dir, cfg, params), **summary}
   if sc.eval_prompts:
+    # The stage's name is its directory's (runner: workdir/<name>).
+    name = storage.path(stage_dir).name
     ev = evaluate(ctx, cfg, params, sc, template=sc.eval_template,
                   max_prompt_len=sc.eval_max_prompt_len, max_new_tokens=sc.eval_max_new_tokens,
-                  seed=seed + 5)
+                  seed=stage_seed(ctx.c.seed, name, "eval"))
     _write_samples(ctx, stage_dir, {"after": ev.pop("samples")})
     ctx.log(f"  held-out accuracy {ev['accuracy']:.3f}  format {ev['format']:.3f}")
     out.update({f"{k}_after": v for k, v in ev.items()})
@@ -194,7 +207,7 @@ class Generations:
 
 
 def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, template: str,
-             samples: int, temperature: float, top_p: float, max_prompt_len: int,
+             samples: int, temperature: float, top_p: float, top_k: int, max_prompt_len: int,
              max_new_tokens: int, batch_rows: int, seed: int) -> Generations:
   """`samples` completions per example. Rows go through the sampler in fixed-size
   batches (one compilation); the last batch is filled with repeats that are dropped."""
@@ -210,7 +223,8 @@ def generate(ctx: Context, cfg: ModelConfig, params, examples: list[dict], *, te
                                           ctx.tok.pad_id)
     ro = sample(cfg, params, prompts, lengths, max_new_tokens=max_new_tokens,
                 rng=jax.random.fold_in(jax.random.key(seed), b), temperature=temperature,
-                top_p=top_p, eos_id=ctx.tok.eos_id, pad_id=ctx.tok.pad_id, mesh=ctx.mesh)
+                top_p=top_p, top_k=top_k, eos_id=ctx.tok.eos_id, pad_id=ctx.tok.pad_id,
+                mesh=ctx.mesh)
     mine += [start + r for r in multihost.my_rows(ro.lengths) if r < len(chunk)]
     got = multihost.allgather({"tokens": ro.tokens, "lengths": ro.lengths,
                                "finished": ro.finished})
@@ -233,9 +247,6 @@ def score(ctx: Context, gens: Generations, terms) -> dict[str, np.ndarray]:
   return {k: multihost.gather_rows(v, gens.mine, n) for k, v in sorted(per.items())}
 
 
-EVAL_REWARDS = (("accuracy", 1.0), ("format", 1.0), ("language", 1.0))
-
-
 def reward_terms(terms, template: str) -> list[tuple]:
   """Reward terms with the template's format options filled in where a "format"
   term names none (an R1-chat completion starts inside <think> and ends in a
@@ -252,23 +263,27 @@ def reward_terms(terms, template: str) -> list[tuple]:
 
 def evaluate(ctx: Context, cfg: ModelConfig, params, sc, *, template: str, max_prompt_len: int,
              max_new_tokens: int, seed: int) -> dict:
-  """Held-out accuracy, format and language scores (means in [0, 1]) and lengths."""
-  examples = ctx.eval_examples[:sc.eval_prompts]
-  gens = generate(ctx, cfg, params, examples, template=template, samples=sc.eval_samples,
-                  temperature=sc.eval_temperature, top_p=1.0, max_prompt_len=max_prompt_len,
-                  max_new_tokens=max_new_tokens, batch_rows=_rows(ctx, len(examples) *
-                                                                  sc.eval_samples),
-                  seed=seed)
-  per = score(ctx, gens, reward_terms(EVAL_REWARDS, template))
-  return {"accuracy": float(np.mean(per["accuracy"])), "format": float(np.mean(per["format"])),
-          "language": float(np.mean(per["language"])),
-          "response_len": float(np.mean([len(t) for t in gens.tokens])),
-          "samples": [{"prompt": gens.examples[i]["question"],
-                       "completion": gens.completion(ctx.tok, i),
-                       "answer": gens.examples[i]["answer"]} for i in range(min(6, len(gens.tokens)))]}
+  """The in-stage evaluation of sft and grpo: the eval stage's code path on the first
+  `sc.eval_prompts` held-out problems, `sc.eval_samples` samples each, with the
+  stage's eval_* sampling keys. Returns accuracy (pass@1), cons@k, format,
+  language, truncated and response_len, and "samples" (the first few, to read)."""
+  from r1jax.eval import evaluate as eval_lib  # noqa: PLC0415 - the eval package builds on this one
+  sampling = eval_lib.Sampling(
+      samples=sc.eval_samples, temperature=sc.eval_temperature, top_p=sc.eval_top_p,
+      top_k=sc.eval_top_k, template=template, max_prompt_len=max_prompt_len,
+      max_new_tokens=max_new_tokens, batch_rows=256)
+  results, records = eval_lib.run(ctx, cfg, params,
+                                  [("held_out", ctx.eval_examples[:sc.eval_prompts])],
+                                  sampling, seed)
+  m, k = results["held_out"], sc.eval_samples
+  return {"accuracy": m["pass@1"], f"cons@{k}": m[f"cons@{k}"], "format": m["format"],
+          "language": m["language"], "truncated": m["truncated"],
+          "response_len": m["response_len"],
+          "samples": [{"prompt": r["question"], "completion": r["completion"],
+                       "answer": r["gold"]} for r in records[:6]]}
 
 
-def _rows(ctx: Context, n: int, cap: int = 256) -> int:
+def batch_rows(ctx: Context, n: int, cap: int = 256) -> int:
   """A sampler batch size: ≥ n rows if it fits under cap, a multiple of the data axes."""
   m = ctx.n_data_parallel
   return max(m, min(cap, -(-n // m) * m))
@@ -285,12 +300,14 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     raise ValueError(f"stages.{name}.init: GRPO needs a starting model ('stage:<name>')")
   g = GRPOConfig(**sc.grpo.to_dict())
   ocfg = configs.optim_config(sc)
+  # Before and after share their sampling keys: a paired comparison.
   eval_kw = dict(template=sc.template, max_prompt_len=g.max_prompt_len,
-                 max_new_tokens=g.max_new_tokens, seed=ctx.c.seed + 7)
+                 max_new_tokens=g.max_new_tokens, seed=stage_seed(ctx.c.seed, name, "eval"))
   before = evaluate(ctx, cfg, params, sc, **eval_kw)
   ctx.log(f"  held-out before: accuracy {before['accuracy']:.3f}  format {before['format']:.3f}")
   examples, dropped = pipelines.prompt_examples(ctx.tok, ctx.train_examples, template=sc.template,
-                                                max_prompt_len=g.max_prompt_len, seed=ctx.c.seed)
+                                                max_prompt_len=g.max_prompt_len,
+                                                seed=stage_seed(ctx.c.seed, name, "prompts"))
   spec = RewardSpec.create(reward_terms(sc.rewards, sc.template), timeout_s=sc.reward_timeout_s,
                            num_workers=sc.reward_workers)
   with RewardEvaluator(spec) as evaluator:
@@ -307,7 +324,7 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     writer = metrics_lib.MetricWriter(stage_dir, total_steps=sc.steps,
                                       start_step=int(state.step),
                                       show=("reward/mean", "accuracy", "kl"), desc=name)
-    rng = jax.random.key(ctx.c.seed + 11)
+    rng = jax.random.key(stage_seed(ctx.c.seed, name, "rollout"))
     # A GRPO step counts as refused when any of its updates was (skipped_nonfinite is
     # the fraction of them); that many steps in a row stop the stage.
     guard = trainer.NonFiniteGuard(name, ocfg.max_nonfinite_steps)
@@ -350,6 +367,7 @@ def _sample_and_filter(ctx: Context, cfg: ModelConfig, params, sc, stage_dir: st
   examples = ctx.train_examples[:sc.prompts]
   gens = generate(ctx, cfg, params, examples, template=sc.template,
                   samples=sc.samples_per_prompt, temperature=sc.temperature, top_p=sc.top_p,
+                  top_k=sc.top_k,
                   max_prompt_len=sc.max_prompt_len, max_new_tokens=sc.max_new_tokens,
                   batch_rows=sc.batch_rows, seed=seed)
   per = score(ctx, gens, reward_terms(FILTER_REWARDS, sc.template))
@@ -412,7 +430,8 @@ def rejection_sample(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) 
   cfg, params = _init(ctx, sc, inputs)
   if params is None:
     raise ValueError(f"stages.{name}.init: rejection sampling needs a model ('stage:<name>')")
-  out = _sample_and_filter(ctx, cfg, params, sc, stage_dir, ctx.c.seed + 23)
+  out = _sample_and_filter(ctx, cfg, params, sc, stage_dir,
+                           stage_seed(ctx.c.seed, name, "sample"))
   if not out["rows_kept"]:
     ctx.log(f"  WARNING: no sample passed the filters; the model from {sc.init} may be too "
             "weak (raise samples_per_prompt, or train it longer)")
@@ -423,7 +442,8 @@ def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   teacher_cfg, teacher = _init(ctx, sc, inputs, "teacher")
   if teacher is None:
     raise ValueError(f"stages.{name}.teacher: name a model ('stage:<name>' or 'hf:<dir>')")
-  traces = _sample_and_filter(ctx, teacher_cfg, teacher, sc, stage_dir, ctx.c.seed + 29)
+  traces = _sample_and_filter(ctx, teacher_cfg, teacher, sc, stage_dir,
+                              stage_seed(ctx.c.seed, name, "sample"))
   del teacher
   student_cfg = ModelConfig(**sc.student.to_dict())
   pairs = (_dataset_pairs(traces["dataset"]) +
@@ -433,7 +453,8 @@ def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                        f"fewer than one batch of {sc.batch_size}")
   eval_pairs = pipelines.sft_pairs(ctx.tok, ctx.eval_examples, sc.template)
   rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
-  out = _supervised(ctx, sc, stage_dir, student_cfg, None, rows, eval_rows, ctx.c.seed + 31)
+  out = _supervised(ctx, sc, stage_dir, student_cfg, None, rows, eval_rows,
+                    stage_seed(ctx.c.seed, name, "train"))
   out.update({f"traces_{k}": v for k, v in traces.items() if k != "dataset"})
   out["dataset"] = traces["dataset"]
   out["student_params"] = param_counts(student_cfg)["total"]

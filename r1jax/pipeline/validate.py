@@ -6,7 +6,7 @@ from typing import Sequence
 
 import ml_collections
 
-STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sample", "distill")
+STAGE_KINDS = ("pretrain", "sft", "grpo", "rejection_sample", "distill", "eval")
 # Fields through which a stage names earlier stages.
 REF_FIELDS = ("init", "teacher", "data")
 

@@ -14,6 +14,13 @@ Math: {"question": str, "answer": str | int | float}
   - numbers become strings ("answer": 42 -> "42"); booleans are rejected.
   - optional "language" (str, default "en") and "match" ("math" default, or
     "exact"; see r1jax.rewards.accuracy).
+  - GSM8K's "answer" is its worked solution ending in "#### <final answer>": the
+    gold is what follows the last "####" with thousands commas dropped
+    ("#### 1,200" -> "1200"), and the text before it is kept as the "cot".
+  Layouts (`layout=`): "auto" (the default) accepts all of the above, reading
+  an "answer" that holds "####" the GSM8K way; a named layout also requires its
+  fields: "math500" {problem, solution, answer}, "aime" {problem, answer},
+  "gsm8k" {question, answer with "####"}.
 Code: {"prompt": str, "tests": [str, ...]}
   - tests are Python statements run after the candidate's code, as the code
     reward expects (e.g. "assert add(1, 2) == 3"); at least one.
@@ -29,6 +36,10 @@ from typing import Any, Iterator
 from r1jax import storage
 
 _MATCH_MODES = ("math", "exact")
+# Fields each named layout requires (beyond what every math record needs).
+MATH_LAYOUTS = {"auto": (), "math500": ("problem", "solution", "answer"),
+                "aime": ("problem", "answer"), "gsm8k": ("question", "answer")}
+GSM8K_MARK = "####"
 
 
 class DataError(ValueError):
@@ -71,26 +82,40 @@ def _language(record: dict, where: str) -> str:
   return _text(record, ("language",), where, required=False) or "en"
 
 
-def read_math(path: str) -> list[dict]:
+def read_math(path: str, layout: str = "auto") -> list[dict]:
   """Examples {"question", "answer", "language", "match"[, "cot"]} from a math JSONL file."""
+  if layout not in MATH_LAYOUTS:
+    raise ValueError(f"unknown math layout {layout!r}; expected one of {sorted(MATH_LAYOUTS)}")
   out = []
   for lineno, record in _records(path):
     where = f"{path}:{lineno}"
+    missing = [f for f in MATH_LAYOUTS[layout] if f not in record]
+    if missing:
+      raise DataError(f"{where}: layout {layout!r} needs field {missing[0]!r}")
     example: dict[str, Any] = {"question": _text(record, ("question", "problem"), where)}
     if "answer" not in record:
       raise DataError(f"{where}: missing field 'answer'")
     answer = record["answer"]
     if isinstance(answer, bool) or not isinstance(answer, (str, int, float)):
       raise DataError(f"{where}: field 'answer' must be a string or a number, got {answer!r:.80}")
-    if not str(answer).strip():
+    answer, cot = str(answer), _text(record, ("cot", "solution"), where, required=False)
+    if layout == "gsm8k" and GSM8K_MARK not in answer:
+      raise DataError(f"{where}: layout 'gsm8k' needs the final answer after '{GSM8K_MARK}' "
+                      f"in 'answer', got {answer!r:.80}")
+    if GSM8K_MARK in answer:
+      if cot is not None:
+        raise DataError(f"{where}: 'answer' holds a '{GSM8K_MARK}' solution and there is "
+                        "also a 'cot'/'solution'; keep one")
+      cot, _, answer = answer.rpartition(GSM8K_MARK)
+      answer, cot = answer.strip().replace(",", ""), cot.strip() or None
+    if not answer.strip():
       raise DataError(f"{where}: field 'answer' is empty")
-    example["answer"] = str(answer)
+    example["answer"] = answer
     example["language"] = _language(record, where)
     match = record.get("match", "math")
     if match not in _MATCH_MODES:
       raise DataError(f"{where}: field 'match' must be one of {_MATCH_MODES}, got {match!r:.80}")
     example["match"] = match
-    cot = _text(record, ("cot", "solution"), where, required=False)
     if cot is not None:
       example["cot"] = cot
     out.append(example)

@@ -1,0 +1,72 @@
+"""Which problems an evaluation asks: the run's held-out split or math JSONL files.
+
+A stage names its benchmarks as `(name, source)` or `(name, source, layout)`:
+source "task:held_out" is the run's held-out split (`ctx.eval_examples`); any
+other source is a JSONL file read by `r1jax.data.tasks.read_math` in `layout`
+("auto" by default: MATH-500, AIME, GSM8K and plain {question, answer} rows
+are told apart by their fields; see that module for each layout's gold).
+A relative path that does not exist from the working directory is looked up
+from the repository root, so the experiments' own data files work from anywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Sequence
+
+from r1jax import storage
+from r1jax.data.tasks import jsonl
+
+HELD_OUT = "task:held_out"
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+  name: str
+  source: str  # HELD_OUT or a JSONL path
+  layout: str = "auto"
+
+  @property
+  def path(self) -> str:
+    """The JSONL file, resolved (see the module docstring)."""
+    if storage.is_remote(self.source) or os.path.isabs(self.source) or os.path.exists(
+        self.source):
+      return self.source
+    return os.path.join(_ROOT, self.source)
+
+
+def parse(specs: Sequence[Sequence[str]]) -> list[Benchmark]:
+  """Benchmarks from a config's tuples; raises ValueError naming the bad entry."""
+  out: list[Benchmark] = []
+  if not specs:
+    raise ValueError("benchmarks is empty; name at least one, e.g. "
+                     f"(('held_out', {HELD_OUT!r}),)")
+  for spec in specs:
+    if (not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3)
+        or not all(isinstance(s, str) and s for s in spec)):
+      raise ValueError(f"benchmarks entry {spec!r}: expected (name, source) or "
+                       f"(name, source, layout) strings; source {HELD_OUT!r} or a JSONL path")
+    b = Benchmark(*spec)
+    if b.name in [o.name for o in out]:
+      raise ValueError(f"benchmarks: name {b.name!r} is used twice")
+    if b.layout not in jsonl.MATH_LAYOUTS:
+      raise ValueError(f"benchmarks entry {b.name!r}: layout {b.layout!r} is not one of "
+                       f"{sorted(jsonl.MATH_LAYOUTS)}")
+    if b.source == HELD_OUT and b.layout != "auto":
+      raise ValueError(f"benchmarks entry {b.name!r}: the held-out split has no layout")
+    if b.source != HELD_OUT and not storage.exists(b.path):
+      raise ValueError(f"benchmarks entry {b.name!r}: no file {b.source!r}")
+    out.append(b)
+  return out
+
+
+def load(benchmarks: Sequence[Benchmark], held_out: list[dict],
+         max_prompts: int = 0) -> list[tuple[str, list[dict]]]:
+  """[(name, examples)], each cut to its first `max_prompts` problems (0 = all)."""
+  out = []
+  for b in benchmarks:
+    examples = held_out if b.source == HELD_OUT else jsonl.read_math(b.path, b.layout)
+    out.append((b.name, list(examples[:max_prompts] if max_prompts else examples)))
+  return out
