@@ -196,6 +196,10 @@ class _ByteTok:
   def decode(self, ids):
     return bytes((i - 4) % 256 for i in ids if i >= 4).decode("utf-8", errors="replace")
 
+  def apply_chat_template(self, messages, add_generation_prompt=True):
+    text = "".join(m["content"] for m in messages)  # role markers would cost bytes
+    return text + ("<think>\n" if add_generation_prompt else "")
+
 
 @pytest.fixture(scope="module")
 def byte_ctx(tiny_cfg):

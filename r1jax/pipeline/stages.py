@@ -275,6 +275,9 @@ def evaluate(ctx: Context, cfg: ModelConfig, params, sc, *, template: str, max_p
   results, records = eval_lib.run(ctx, cfg, params,
                                   [("held_out", ctx.eval_examples[:sc.eval_prompts])],
                                   sampling, seed)
+  if "held_out" not in results:
+    raise ValueError(f"in-stage evaluation: none of the {sc.eval_prompts} held-out prompts fits "
+                     f"max_prompt_len={max_prompt_len}; raise it or set eval_prompts=0")
   m, k = results["held_out"], sc.eval_samples
   return {"accuracy": m["pass@1"], f"cons@{k}": m[f"cons@{k}"], "format": m["format"],
           "language": m["language"], "truncated": m["truncated"],
