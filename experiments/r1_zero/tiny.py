@@ -45,8 +45,8 @@ def get_config(arg: str | None = None):
                 ref_reset_every=0),
       optim=dict(learning_rate=2e-4, warmup_steps=2, total_steps=60, weight_decay=0.0))
   # The toy model is evaluated in the template it was trained in. 64 prompts per
-  # benchmark × 8 samples: two sampler batches of 512 rows, about 25 s a stage
-  # (100 prompts took 34-42 s, too much of the main job's 10 minutes).
+  # benchmark × 8 samples: two sampler batches of 512 rows, 16-22 s a stage on
+  # 2 idle cores (compilation and the reward workers' start are much of it).
   c.stages.eval_base = eval_stage("stage:pretrain", "r1_zero")
   c.stages.eval = eval_stage("stage:grpo", "r1_zero")
   if arg == "smoke":
