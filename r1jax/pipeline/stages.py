@@ -120,7 +120,7 @@ def pack_documents(tok, docs: list[str], seq_len: int) -> dict:
 
 def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   """LM training on problems with worked solutions, packed into rows (every token counts)."""
-  rng = random.Random(ctx.c.seed)
+  rng = random.Random(stage_seed(ctx.c.seed, name, "documents"))
 
   def rows(examples):
     docs = []
@@ -135,7 +135,7 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   train_rows = rows(ctx.train_examples)
   ctx.log(f"  {len(train_rows['tokens'])} packed rows")
   return _supervised(ctx, sc, stage_dir, cfg, params, train_rows, rows(ctx.eval_examples),
-                     ctx.c.seed)
+                     stage_seed(ctx.c.seed, name, "train"))
 
 
 def _dataset_pairs(path: str) -> list[tuple[str, str]]:
@@ -159,7 +159,8 @@ def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                        f"{sc.batch_size}; raise extra_task_rows or sample more upstream")
   eval_pairs = pipelines.sft_pairs(ctx.tok, ctx.eval_examples, sc.template)
   rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
-  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows, ctx.c.seed + 1)
+  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows,
+                     stage_seed(ctx.c.seed, name, "train"))
 
 
 def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
@@ -181,7 +182,8 @@ def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict
     raise RuntimeError(f"stage {name}: too few conversations of {path} fit in "
                        f"seq_len={sc.seq_len}; raise seq_len")
   cfg, params = _init(ctx, sc, inputs)
-  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows, ctx.c.seed + 1)
+  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows,
+                     stage_seed(ctx.c.seed, name, "train"))
 
 
 # ----------------------------------------------------------------------------
