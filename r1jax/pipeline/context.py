@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from r1jax import configs, storage
 from r1jax.data import chat as chat_lib
+from r1jax.data import chat_template
 from r1jax.data import tasks
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, abstract_params, logical_axes
@@ -159,8 +160,11 @@ def toy_corpus(examples: list[dict], chat_paths: Sequence[str] = ()) -> list[str
   for e in examples:
     if "cot" in e:
       corpus.append(pretrain_document(e, "r1_zero"))
-      corpus.append(f"{tokenizer_lib.USER_TOKEN}{e['question']}{tokenizer_lib.ASSISTANT_TOKEN}"
-                    f"<think>\n{tokenizer_lib.r1_chat_response(e['cot'], e['answer'])}")
+      # The toy tokenizer's own chat template renders the prompt (no BOS: a control piece).
+      prompt = chat_template.render(
+          chat_template.R1_CHAT_TEMPLATE, [{"role": "user", "content": e["question"]}],
+          add_generation_prompt=True, bos_token="", eos_token=tokenizer_lib.EOS_TOKEN)
+      corpus.append(prompt + tokenizer_lib.r1_chat_response(e["cot"], e["answer"]))
   corpus += [pretrain_document(e, "plain") for e in examples] + list(_DIRECT.values())
   for path in chat_paths:
     corpus += [m["content"] for messages in chat_lib.read_chat(path) for m in messages]
