@@ -66,20 +66,19 @@ def _encode(ctx: Context, sc, pairs, eval_pairs) -> tuple[dict, dict]:
   return rows, eval_rows
 
 
-def _supervised(ctx: Context, sc, stage_dir: str, cfg: ModelConfig, params, rows: dict,
-                eval_rows: dict, seed: int) -> dict:
+def _supervised(ctx: Context, name: str, sc, stage_dir: str, cfg: ModelConfig, params,
+                rows: dict, eval_rows: dict) -> dict:
   """Trains on encoded rows, saves the weights, and evaluates if the stage asks."""
   params, summary = trainer.train_supervised(
       ctx, stage_dir, cfg=cfg, params=params, rows=rows, eval_rows=eval_rows,
-      ocfg=configs.optim_config(sc), steps=sc.steps, batch_size=sc.batch_size, seed=seed,
+      ocfg=configs.optim_config(sc), steps=sc.steps, batch_size=sc.batch_size,
+      seed=stage_seed(ctx.c.seed, name, "train"),
       log_every=sc.log_every, checkpoint_every=sc.checkpoint_every,
       micro_batches=sc.micro_batches)
   ctx.log(f"  held-out loss {summary['eval_loss_before']:.3f} -> "
           f"{summary['eval_loss_after']:.3f}")
   out = {**ctx.save_params(stage_dir, cfg, params), **summary}
   if sc.eval_prompts:
-    # The stage's name is its directory's (runner: workdir/<name>).
-    name = storage.path(stage_dir).name
     ev = evaluate(ctx, cfg, params, sc, template=sc.eval_template,
                   max_prompt_len=sc.eval_max_prompt_len, max_new_tokens=sc.eval_max_new_tokens,
                   seed=stage_seed(ctx.c.seed, name, "eval"))
@@ -134,8 +133,7 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   cfg, params = _init(ctx, sc, inputs)
   train_rows = rows(ctx.train_examples)
   ctx.log(f"  {len(train_rows['tokens'])} packed rows")
-  return _supervised(ctx, sc, stage_dir, cfg, params, train_rows, rows(ctx.eval_examples),
-                     stage_seed(ctx.c.seed, name, "train"))
+  return _supervised(ctx, name, sc, stage_dir, cfg, params, train_rows, rows(ctx.eval_examples))
 
 
 def _dataset_pairs(path: str) -> list[tuple[str, str]]:
@@ -159,8 +157,7 @@ def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                        f"{sc.batch_size}; raise extra_task_rows or sample more upstream")
   eval_pairs = pipelines.sft_pairs(ctx.tok, ctx.eval_examples, sc.template)
   rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
-  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows,
-                     stage_seed(ctx.c.seed, name, "train"))
+  return _supervised(ctx, name, sc, stage_dir, cfg, params, rows, eval_rows)
 
 
 def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
@@ -182,8 +179,7 @@ def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict
     raise RuntimeError(f"stage {name}: too few conversations of {path} fit in "
                        f"seq_len={sc.seq_len}; raise seq_len")
   cfg, params = _init(ctx, sc, inputs)
-  return _supervised(ctx, sc, stage_dir, cfg, params, rows, eval_rows,
-                     stage_seed(ctx.c.seed, name, "train"))
+  return _supervised(ctx, name, sc, stage_dir, cfg, params, rows, eval_rows)
 
 
 # ----------------------------------------------------------------------------
@@ -458,8 +454,7 @@ def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                        f"fewer than one batch of {sc.batch_size}")
   eval_pairs = pipelines.sft_pairs(ctx.tok, ctx.eval_examples, sc.template)
   rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
-  out = _supervised(ctx, sc, stage_dir, student_cfg, None, rows, eval_rows,
-                    stage_seed(ctx.c.seed, name, "train"))
+  out = _supervised(ctx, name, sc, stage_dir, student_cfg, None, rows, eval_rows)
   out.update({f"traces_{k}": v for k, v in traces.items() if k != "dataset"})
   out["dataset"] = traces["dataset"]
   out["student_params"] = param_counts(student_cfg)["total"]
