@@ -74,13 +74,25 @@ def _train_keys(**kw) -> dict:
   return _apply(keys, kw)
 
 
+def _stage_keys(kind: str, **keys) -> dict:
+  """Keys every stage has, then the kind's own. tokenizer_path: the tokenizer of the
+  model this stage trains or samples ('' = its init stage's, else data.tokenizer_path),
+  for a student whose tokenizer is not the run's (a Qwen2.5 or Llama-3 base)."""
+  return dict(kind=kind, tokenizer_path="", **keys)
+
+
+# Stage keys that hold ModelConfig fields over the experiment's `model` ({} = that model).
+MODEL_KEYS = ("model", "student")
+
+
 def _apply(keys: dict, overrides: dict) -> dict:
   unknown = set(overrides) - set(keys)
   if unknown:
     raise ValueError(f"unknown stage keys {sorted(unknown)}; declared: {sorted(keys)}")
   for k, v in overrides.items():
     if isinstance(keys[k], ml_collections.ConfigDict) and isinstance(v, dict):
-      bad = set(v) - set(keys[k].keys())
+      allowed = _fields(ModelConfig.tiny()) if k in MODEL_KEYS else keys[k]
+      bad = set(v) - set(allowed.keys())
       if bad:
         raise ValueError(f"unknown {k} keys {sorted(bad)}")
       keys[k].update(v)
@@ -98,8 +110,8 @@ def pretrain_stage(**kw) -> ml_collections.ConfigDict:
   steps (the plain ones always work them out), so the base model knows how to
   reason but, in the R1-Zero template, often answers at once.
   """
-  keys = dict(kind="pretrain", init="", r1_zero_fraction=0.3, wrong_answer_rate=0.0,
-              direct_answer_rate=0.0)
+  keys = _stage_keys("pretrain", init="", model=ml_collections.ConfigDict(),
+              r1_zero_fraction=0.3, wrong_answer_rate=0.0, direct_answer_rate=0.0)
   keys.update(_train_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
 
@@ -112,8 +124,14 @@ def sft_stage(**kw) -> ml_collections.ConfigDict:
   per line, optional system message first, multi-turn; rendered with the
   tokenizer's chat template, loss on the assistant's content and end-of-turn
   token only; the file's last tenth is held out for the loss; see r1jax.data.chat).
-  `template` and `extra_task_rows` do not apply to chat data."""
-  keys = dict(kind="sft", init="", data="task", template="r1_zero", extra_task_rows=0)
+  `template` and `extra_task_rows` do not apply to chat data.
+
+  model (in pretrain and sft): ModelConfig fields over the experiment's `model`, for a
+  stage that trains another architecture (a distillation student's own pretraining);
+  {} = the experiment's model. With init="hf:<dir>" they declare the checkpoint's
+  architecture for the plan tool; with init="stage:<name>" the model is that stage's."""
+  keys = _stage_keys("sft", init="", model=ml_collections.ConfigDict(), data="task",
+              template="r1_zero", extra_task_rows=0)
   keys.update(_train_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
 
@@ -133,16 +151,22 @@ def _sampling_keys() -> dict:
 def rejection_sample_stage(**kw) -> ml_collections.ConfigDict:
   """Samples k completions per training prompt and keeps correct, well-formed,
   single-language, non-repetitive ones (R1 §2.3.3) as an SFT dataset."""
-  keys = dict(kind="rejection_sample", init="")
+  keys = _stage_keys("rejection_sample", init="")
   keys.update(_sampling_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
 
 
 def distill_stage(**kw) -> ml_collections.ConfigDict:
-  """A teacher generates traces (kept as in rejection sampling); a fresh student
-  (its own ModelConfig in `student`) is trained on them by SFT (R1 §2.4)."""
-  keys = dict(kind="distill", teacher="", extra_task_rows=0,
-              student=ml_collections.ConfigDict(_fields(ModelConfig.tiny())))
+  """A teacher generates traces (kept as in rejection sampling); a student is trained
+  on them by SFT alone (R1 §2.4).
+
+  The student is `init`'s weights: "stage:<name>" (a pretrained student, e.g. a
+  pretrain stage with its own `model`) or "hf:<dir>" (a Qwen2.5 / Llama-3 base, as
+  R1 distils into), or "" for a fresh one. `student` holds ModelConfig fields over
+  the experiment's `model`: the fresh student's architecture, or with "hf:" the
+  checkpoint's (for the plan tool); it stays {} when init is a stage."""
+  keys = _stage_keys("distill", teacher="", init="", extra_task_rows=0,
+              student=ml_collections.ConfigDict())
   keys.update(_sampling_keys())
   keys.update(_train_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
@@ -152,7 +176,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
   """GRPO from `init` with weighted rule-based rewards; held-out accuracy is
   measured before and after with `eval_*` sampling settings."""
   from r1jax.rl.step import GRPOConfig  # the RL layer is only needed by RL stages
-  keys = dict(kind="grpo", init="", template="r1_zero",
+  keys = _stage_keys("grpo", init="", template="r1_zero",
               rewards=(("accuracy", 1.0), ("format", 0.5)), reward_timeout_s=10.0,
               reward_workers=2, grpo=ml_collections.ConfigDict(_fields(GRPOConfig())),
               steps=50, log_every=1, checkpoint_every=10,
@@ -172,7 +196,7 @@ def eval_stage(**kw) -> ml_collections.ConfigDict:
   "aime", "gsm8k") says where its gold answer is. max_prompts caps each benchmark
   (0 = all). The sampling defaults are R1's evaluation settings (T 0.6, top-p 0.95,
   the R1 chat template); batch_rows caps the sampler's batch."""
-  keys = dict(kind="eval", init="", benchmarks=(("held_out", "task:held_out"),),
+  keys = _stage_keys("eval", init="", benchmarks=(("held_out", "task:held_out"),),
               max_prompts=0, samples=8, temperature=0.6, top_p=0.95, top_k=0,
               template="r1_chat", max_prompt_len=112, max_new_tokens=64, batch_rows=256,
               pass_ks=(1, 2, 4, 8, 16, 32, 64))
@@ -204,8 +228,19 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
   if "micro_batches" in sc:
     from r1jax.train.sft import check_micro_batches
     check_micro_batches(sc.batch_size, sc.micro_batches, n_dp)
-  if "student" in sc:
-    ModelConfig(**sc.student.to_dict())
+  key = _model_key(sc)
+  if key:
+    init = sc.get("init", "")
+    if sc[key] and isinstance(init, str) and init.startswith("stage:"):
+      raise ValueError(f"{key}: leave it {{}} when init={init!r}; the model is that stage's")
+    model_config(c, sc[key])
+  init = sc.get("init", "")
+  if sc.get("tokenizer_path") and isinstance(init, str) and init.startswith("stage:"):
+    inherited = stage_tokenizer(c, init[6:]) if init[6:] in c.stages else ""
+    if sc.tokenizer_path != inherited:
+      raise ValueError(f"tokenizer_path={sc.tokenizer_path!r}, but init={init!r} was trained "
+                       f"with {inherited or 'the run tokenizer'!r}; a model's token ids mean "
+                       "one tokenizer's pieces")
   for key in ("r1_zero_fraction", "wrong_answer_rate", "direct_answer_rate"):
     if key in sc and not 0.0 <= sc[key] <= 1.0:
       raise ValueError(f"{key}={sc[key]} is not a fraction in [0, 1]")
@@ -296,24 +331,78 @@ def ablation(arg: str | None, variants: tuple[str, ...], apply,
 
 def with_model_preset(c: ml_collections.ConfigDict, preset: str, **overrides) -> None:
   """Replaces c.model by a preset's fields (then `overrides`)."""
+  fields = model_fields(preset, **overrides)
+  c.model_preset = preset
+  for k, v in fields.items():
+    c.model[k] = v
+
+
+def model_fields(preset: str, **overrides) -> dict:
+  """A preset's ModelConfig fields, then `overrides` (an all-dense preset stays all
+  dense when n_layers changes): for c.model, or a stage's `model` / `student`."""
   if preset not in MODEL_PRESETS:
     raise ValueError(f"unknown model preset {preset!r}; known: {sorted(MODEL_PRESETS)}")
-  c.model_preset = preset
   fields = _fields(MODEL_PRESETS[preset]())
   unknown = set(overrides) - set(fields)
   if unknown:
     raise ValueError(f"unknown ModelConfig fields {sorted(unknown)}")
   if ("n_layers" in overrides and "n_dense_layers" not in overrides
       and fields["n_dense_layers"] == fields["n_layers"]):
-    # An all-dense preset (the GQA students) stays all dense when resized.
     overrides = {**overrides, "n_dense_layers": overrides["n_layers"]}
-  fields.update(overrides)
-  for k, v in fields.items():
-    c.model[k] = v
+  return {**fields, **overrides}
 
 
-def model_config(c: ml_collections.ConfigDict) -> ModelConfig:
-  return ModelConfig(**c.model.to_dict())
+def model_config(c: ml_collections.ConfigDict, overrides=None) -> ModelConfig:
+  """The experiment's model, with a stage's `model` / `student` fields over it."""
+  fields = c.model.to_dict()
+  if overrides:
+    fields.update(overrides.to_dict() if hasattr(overrides, "to_dict") else overrides)
+  return ModelConfig(**fields)
+
+
+def _model_key(sc) -> str | None:
+  return "student" if sc.get("kind") == "distill" else ("model" if "model" in sc else None)
+
+
+def stage_model(c: ml_collections.ConfigDict, name: str) -> ModelConfig:
+  """The architecture stage `name` trains, samples or evaluates (the distill stage's
+  student): its `init` stage's model when it starts from one, else the experiment's
+  `model` with the stage's `model` / `student` fields over it."""
+  sc = c.stages[name]
+  init = sc.get("init", "")
+  if isinstance(init, str) and init.startswith("stage:") and init[6:] in c.stages:
+    return stage_model(c, init[6:])
+  key = _model_key(sc)
+  return model_config(c, sc[key] if key else None)
+
+
+def stage_tokenizer(c: ml_collections.ConfigDict, name: str) -> str:
+  """The tokenizer path of the model stage `name` trains, samples or evaluates: its
+  own `tokenizer_path`, else its init stage's, else data.tokenizer_path ("" = the
+  toy tokenizer the run trains)."""
+  sc = c.stages[name]
+  if sc.get("tokenizer_path"):
+    return sc.tokenizer_path
+  init = sc.get("init", "")
+  if isinstance(init, str) and init.startswith("stage:") and init[6:] in c.stages:
+    return stage_tokenizer(c, init[6:])
+  return c.data.tokenizer_path
+
+
+def teacher_tokenizer(c: ml_collections.ConfigDict, name: str) -> str:
+  """A distill stage's teacher's tokenizer path: its stage's, or data.tokenizer_path."""
+  teacher = c.stages[name].teacher
+  if teacher.startswith("stage:") and teacher[6:] in c.stages:
+    return stage_tokenizer(c, teacher[6:])
+  return c.data.tokenizer_path
+
+
+def teacher_model(c: ml_collections.ConfigDict, name: str) -> ModelConfig:
+  """The model a distill stage's teacher is: its stage's, or the experiment's for "hf:"."""
+  teacher = c.stages[name].teacher
+  if teacher.startswith("stage:") and teacher[6:] in c.stages:
+    return stage_model(c, teacher[6:])
+  return model_config(c)
 
 
 def optim_config(sc: ml_collections.ConfigDict) -> OptimConfig:

@@ -117,7 +117,8 @@ def test_pretrained_init_needs_a_tokenizer_path(tmp_path):
   c = _config(init="hf:/somewhere/DeepSeek-R1")
   with pytest.raises(validate_lib.ConfigError) as e:
     validate_lib.validate(c, n_devices=8)
-  assert str(e.value).startswith("data.tokenizer_path: unset, but stages.sft.init=")
+  assert str(e.value).startswith("data.tokenizer_path: unset (nor stages.sft.tokenizer_path), "
+                                 "but stages.sft.init=")
   with c.unlocked():
     c.data.tokenizer_path = str(tmp_path / "missing")
   with pytest.raises(validate_lib.ConfigError, match="data.tokenizer_path: .*does not exist"):

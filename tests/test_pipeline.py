@@ -54,7 +54,13 @@ def test_other_experiments_run_end_to_end(r1_run, distill_run):
   assert results["rejection"]["samples"] > 0
   _, results = distill_run
   assert list(results) == list(load_config("experiments/distill/tiny.py", "smoke").pipeline)
-  assert results["distill"]["student_params"] < results["distill"]["teacher_params"]
+  # The student is pretrained in its own stage, then distilled from those weights.
+  assert results["student_pretrain"]["kind"] == "pretrain"
+  assert results["student_pretrain"]["model"] == results["distill"]["model"]
+  assert results["distill"]["model"]["attention_kind"] == "gqa"
+  assert results["distill"]["student_params"] < results["distill"]["teacher_params"] / 2
+  # Distillation starts where the student's pretraining ended, not from a fresh init.
+  assert results["distill"]["eval_loss_before"] < results["student_pretrain"]["eval_loss_before"]
 
 
 def _check_eval_stage(workdir: str, stage: str, out: dict, sc) -> None:

@@ -121,3 +121,41 @@ def test_template_features_beyond_r1s():
                                        {"role": "user", "content": "计算 <b>"}],
                               add_generation_prompt=False)
   assert text == '{"content": "计算 <b>", "role": "user"}[计算 <b>]'
+
+
+def test_a_tokenizer_without_bos_writes_rows_without_one(tmp_path):
+  """Qwen2.5's tokenizer names no BOS: prompts, packed documents and chat rows start
+  with the text itself, and every document and turn still ends with EOS."""
+  from r1jax.data import chat as chat_lib
+  from r1jax.data import pipelines
+  from r1jax.pipeline.stages import pack_documents
+  with open(os.path.join(FIXTURE, "tokenizer_config.json"), encoding="utf-8") as f:
+    config = json.load(f)
+  config["bos_token"] = None
+  config["chat_template"] = config["chat_template"].replace("{{ bos_token }}", "")
+  os.makedirs(tmp_path / "qwen_like")
+  with open(tmp_path / "qwen_like" / "tokenizer_config.json", "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  with open(os.path.join(FIXTURE, "tokenizer.json"), encoding="utf-8") as f:
+    (tmp_path / "qwen_like" / "tokenizer.json").write_text(f.read(), encoding="utf-8")
+  tok = tokenizer_lib.load(str(tmp_path / "qwen_like"))
+  assert tok.bos_id is None and tok.eos_id == 1
+  prompt = tokenizer_lib.get_template("r1_chat").prompt(tok, "What is 2 + 3?")
+  assert prompt == "<｜User｜>What is 2 + 3?<｜Assistant｜><think>\n"
+  assert tokenizer_lib.with_bos(tok, prompt) == tok.encode(prompt)
+  rows, dropped = pipelines.encode_rows(tok, [("2 + 3?", " 5")], 32)
+  n = len(tok.encode("2 + 3?") + tok.encode(" 5")) + 1
+  assert dropped == 0 and rows["tokens"][0, :n].tolist() == (
+      tok.encode("2 + 3?") + tok.encode(" 5") + [tok.eos_id])
+  packed = pack_documents(tok, ["one", "two"], 32)["tokens"][0].tolist()
+  assert packed[:len(tok.encode("one")) + 1] == tok.encode("one") + [tok.eos_id]
+  ids, mask = chat_lib.encode_chat(tok, [{"role": "user", "content": "hi"},
+                                         {"role": "assistant", "content": "yo"}])
+  assert ids == tok.encode("<｜User｜>hi<｜Assistant｜>yo<｜end▁of▁sentence｜>")
+  assert tok.decode([i for i, m in zip(ids, mask) if m]) == "yo<｜end▁of▁sentence｜>"
+  del config["eos_token"]
+  with open(tmp_path / "qwen_like" / "tokenizer_config.json", "w", encoding="utf-8") as f:
+    json.dump(config, f)
+  with pytest.raises(ValueError, match="names no eos_token") as e:
+    tokenizer_lib.load(str(tmp_path / "qwen_like"))
+  assert "\n" not in str(e.value)

@@ -61,7 +61,8 @@ def read_chat(path: str) -> list[list[dict]]:
 
 def encode_chat(tok: tokenizer_lib.Tokenizer,
                 messages: Sequence[dict]) -> tuple[list[int], list[int]]:
-  """(ids starting with one BOS, loss mask: 1 on assistant content and end of turn)."""
+  """(ids starting with one BOS where the tokenizer has one, loss mask: 1 on assistant
+  content and end of turn)."""
   ids, mask, text = [], [], ""
   for i, m in enumerate(messages):
     full = tok.apply_chat_template(messages[:i + 1], add_generation_prompt=False)
@@ -83,7 +84,7 @@ def encode_chat(tok: tokenizer_lib.Tokenizer,
       part_ids = tok.encode(piece) if piece else []
       ids += part_ids
       mask += [0] * len(part_ids)
-  if ids[:1] != [tok.bos_id]:
+  if tok.bos_id is not None and ids[:1] != [tok.bos_id]:
     ids, mask = [tok.bos_id] + ids, [0] + mask
   return ids, mask
 

@@ -51,15 +51,15 @@ class HFTokenizer:
     self._template = template
     self._clean_up_spaces = bool(config.get("clean_up_tokenization_spaces", False))
     ids = {}
-    for key in ("bos_token", "eos_token"):
-      if key not in self.special_tokens:
-        raise ValueError(f"{where}: tokenizer_config.json names no {key}; r1jax rows start "
-                         "with BOS and end with EOS")
+    if "eos_token" not in self.special_tokens:
+      raise ValueError(f"{where}: tokenizer_config.json names no eos_token; r1jax ends every "
+                       "document and completion with EOS")
     for key, text in self.special_tokens.items():
       ids[key] = tok.token_to_id(text)
       if ids[key] is None:
         raise ValueError(f"{where}: {key} {text!r} is not in tokenizer.json's vocabulary")
-    self._bos, self._eos = ids["bos_token"], ids["eos_token"]
+    # No BOS (Qwen2.5 ships none): rows start with the text itself, as Qwen's do.
+    self._bos, self._eos = ids.get("bos_token"), ids["eos_token"]
     # No pad token (Llama-3 ships none): pad with EOS; padding is masked out anyway.
     self._pad = ids.get("pad_token", self._eos)
 
@@ -80,7 +80,7 @@ class HFTokenizer:
     return self._tok.get_vocab_size(with_added_tokens=True)
 
   @property
-  def bos_id(self) -> int:
+  def bos_id(self) -> int | None:
     return self._bos
 
   @property

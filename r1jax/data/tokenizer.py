@@ -36,7 +36,7 @@ class Tokenizer(Protocol):
   @property
   def vocab_size(self) -> int: ...
   @property
-  def bos_id(self) -> int: ...
+  def bos_id(self) -> int | None: ...  # None: the tokenizer has no BOS (Qwen2.5)
   @property
   def eos_id(self) -> int: ...
   @property
@@ -63,9 +63,10 @@ def load(path: str) -> Tokenizer:
 
 
 def with_bos(tok: Tokenizer, text: str) -> list[int]:
-  """Ids of `text` starting with exactly one BOS (chat templates write their own)."""
+  """Ids of `text` starting with exactly one BOS (chat templates write their own);
+  a tokenizer without one (bos_id None, Qwen2.5's) leaves the ids as they are."""
   ids = tok.encode(text)
-  return ids if ids[:1] == [tok.bos_id] else [tok.bos_id] + ids
+  return ids if tok.bos_id is None or ids[:1] == [tok.bos_id] else [tok.bos_id] + ids
 
 
 # DeepSeek-R1 paper, Table 1.

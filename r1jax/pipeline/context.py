@@ -38,6 +38,18 @@ class Context:
   train_examples: list[dict]
   eval_examples: list[dict]
   model_cfg: ModelConfig
+  # Tokenizers by path ("" = the run's, `tok` of the runner's context), loaded once
+  # and shared by every copy `with_tokenizer` makes.
+  tokenizers: dict = dataclasses.field(default_factory=dict)
+
+  def with_tokenizer(self, path: str) -> "Context":
+    """This context with the tokenizer at `path` ("" = the run's): a stage whose
+    model was trained with another tokenizer (a Qwen2.5 or Llama-3 student)."""
+    self.tokenizers.setdefault("", self.tok)
+    if path not in self.tokenizers:
+      self.log(f"loading tokenizer from {path}")
+      self.tokenizers[path] = tokenizer_lib.load(path)
+    return dataclasses.replace(self, tok=self.tokenizers[path])
 
   @property
   def is_main_process(self) -> bool:

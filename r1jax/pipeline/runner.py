@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import jax
 import ml_collections
 
-from r1jax import storage
+from r1jax import configs, storage
 from r1jax.parallel import multihost
 from r1jax.pipeline import validate as validate_lib
 
@@ -41,6 +41,13 @@ def _write_json(path: str, obj) -> None:
 def stage_outputs(workdir: str, name: str) -> dict | None:
   path = storage.join(workdir, name, "outputs.json")
   return storage.read_json(path) if storage.exists(path) else None
+
+
+def check_vocab(name: str, cfg, tok) -> None:
+  """A stage's model must have an embedding row for every piece of its tokenizer."""
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"stages.{name}: the model's vocab_size={cfg.vocab_size} is smaller than "
+                     f"its tokenizer's {tok.vocab_size} pieces")
 
 
 def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None = None) -> dict:
@@ -81,8 +88,11 @@ def run(c: ml_collections.ConfigDict, workdir: str, only: Sequence[str] | None =
     ctx.log(f"[{name}] {sc.kind} starts")
     t0 = time.time()
     # The ambient mesh is what turns on expert parallelism inside the model.
+    # The tokenizer of the model the stage trains (a distill stage: its student's).
+    stage_ctx = ctx.with_tokenizer(configs.stage_tokenizer(c, name))
+    check_vocab(name, configs.stage_model(c, name), stage_ctx.tok)
     with jax.set_mesh(ctx.mesh):
-      out = registry[sc.kind](ctx, name, sc, inputs, stage_dir)
+      out = registry[sc.kind](stage_ctx, name, sc, inputs, stage_dir)
     out["wall_s"] = round(time.time() - t0, 2)
     out["kind"] = sc.kind
     if ctx.is_main_process:

@@ -41,20 +41,28 @@ def stage_seed(run_seed: int, stage: str, purpose: str) -> int:
   return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
-def _init(ctx: Context, sc, inputs: dict, field: str = "init") -> tuple[ModelConfig, object]:
+def _init(ctx: Context, sc, inputs: dict, field: str = "init",
+          fresh: ModelConfig | None = None) -> tuple[ModelConfig, object]:
   """(model config, params or None for a fresh start) named by `sc.<field>`:
   "stage:<name>" (an earlier stage's weights), "hf:<dir>" (a Hugging Face
-  DeepSeek-V3/R1, Qwen2 or Llama checkpoint in safetensors) or "" (fresh)."""
+  DeepSeek-V3/R1, Qwen2 or Llama checkpoint in safetensors) or "" (fresh: the
+  `fresh` model, default the experiment's, which also gives "hf:" its dtypes)."""
+  fresh = fresh or ctx.model_cfg
   ref = sc[field]
   if ref.startswith("stage:"):
     return ctx.load_params(inputs[_ref(ref)])
   if ref.startswith("hf:"):
     from r1jax.interop import hf  # noqa: PLC0415
     # Streamed onto the mesh: each process reads only the slices its devices hold.
-    cfg, params = hf.load(ref[len("hf:"):], mesh=ctx.mesh, dtype=ctx.model_cfg.param_dtype)
-    return cfg.replace(dtype=ctx.model_cfg.dtype, param_dtype=ctx.model_cfg.param_dtype,
-                       remat=ctx.model_cfg.remat), params
-  return ctx.model_cfg, None
+    cfg, params = hf.load(ref[len("hf:"):], mesh=ctx.mesh, dtype=fresh.param_dtype)
+    return cfg.replace(dtype=fresh.dtype, param_dtype=fresh.param_dtype,
+                       remat=fresh.remat), params
+  return fresh, None
+
+
+def _own_model(ctx: Context, sc, key: str = "model") -> ModelConfig:
+  """The experiment's model with the stage's `model` (or `student`) fields over it."""
+  return configs.model_config(ctx.c, sc.get(key))
 
 
 def _encode(ctx: Context, sc, pairs, eval_pairs) -> tuple[dict, dict]:
@@ -101,12 +109,13 @@ def pack_documents(tok, docs: list[str], seq_len: int) -> dict:
   """Documents packed greedily into rows of `seq_len` tokens, each ended by EOS; the loss
   covers every token. Packed documents see each other (no per-document mask), as
   in ordinary LM pre-training; a document longer than a row is cut."""
-  rows, row = [], [tok.bos_id]
+  start = [] if tok.bos_id is None else [tok.bos_id]  # Qwen2.5's tokenizer has no BOS
+  rows, row = [], list(start)
   for doc in docs:
     ids = tok.encode(doc)[:seq_len - 2] + [tok.eos_id]
     if len(row) + len(ids) > seq_len:
       rows.append(row)
-      row = [tok.bos_id]
+      row = list(start)
     row += ids
   rows.append(row)
   tokens = np.full((len(rows), seq_len), tok.pad_id, np.int32)
@@ -130,7 +139,7 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                                     sc.direct_answer_rate if template else 0.0))
     return pack_documents(ctx.tok, docs, sc.seq_len)
 
-  cfg, params = _init(ctx, sc, inputs)
+  cfg, params = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc))
   train_rows = rows(ctx.train_examples)
   ctx.log(f"  {len(train_rows['tokens'])} packed rows")
   return _supervised(ctx, name, sc, stage_dir, cfg, params, train_rows, rows(ctx.eval_examples))
@@ -143,7 +152,7 @@ def _dataset_pairs(path: str) -> list[tuple[str, str]]:
 def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   if sc.data.startswith("chat:"):
     return _chat_sft(ctx, name, sc, inputs, stage_dir)
-  cfg, params = _init(ctx, sc, inputs)
+  cfg, params = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc))
   if sc.data == "task":
     pairs = pipelines.sft_pairs(ctx.tok, ctx.train_examples, sc.template)
   else:
@@ -178,7 +187,7 @@ def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict
   if len(rows["tokens"]) < sc.batch_size or not len(eval_rows["tokens"]):
     raise RuntimeError(f"stage {name}: too few conversations of {path} fit in "
                        f"seq_len={sc.seq_len}; raise seq_len")
-  cfg, params = _init(ctx, sc, inputs)
+  cfg, params = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc))
   return _supervised(ctx, name, sc, stage_dir, cfg, params, rows, eval_rows)
 
 
@@ -440,13 +449,16 @@ def rejection_sample(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) 
 
 
 def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
-  teacher_cfg, teacher = _init(ctx, sc, inputs, "teacher")
+  """`ctx` holds the student's tokenizer; the teacher samples with its own, and the
+  traces reach the student as text (R1's Qwen and Llama students re-tokenize them)."""
+  teacher_ctx = ctx.with_tokenizer(configs.teacher_tokenizer(ctx.c, name))
+  teacher_cfg, teacher = _init(teacher_ctx, sc, inputs, "teacher")
   if teacher is None:
     raise ValueError(f"stages.{name}.teacher: name a model ('stage:<name>' or 'hf:<dir>')")
-  traces = _sample_and_filter(ctx, teacher_cfg, teacher, sc, stage_dir,
+  traces = _sample_and_filter(teacher_ctx, teacher_cfg, teacher, sc, stage_dir,
                               stage_seed(ctx.c.seed, name, "sample"))
   del teacher
-  student_cfg = ModelConfig(**sc.student.to_dict())
+  student_cfg, student = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc, "student"))
   pairs = (_dataset_pairs(traces["dataset"]) +
            pipelines.sft_pairs(ctx.tok, ctx.train_examples[:sc.extra_task_rows], sc.template))
   if len(pairs) < sc.batch_size:
@@ -454,7 +466,7 @@ def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                        f"fewer than one batch of {sc.batch_size}")
   eval_pairs = pipelines.sft_pairs(ctx.tok, ctx.eval_examples, sc.template)
   rows, eval_rows = _encode(ctx, sc, pairs, eval_pairs)
-  out = _supervised(ctx, name, sc, stage_dir, student_cfg, None, rows, eval_rows)
+  out = _supervised(ctx, name, sc, stage_dir, student_cfg, student, rows, eval_rows)
   out.update({f"traces_{k}": v for k, v in traces.items() if k != "dataset"})
   out["dataset"] = traces["dataset"]
   out["student_params"] = param_counts(student_cfg)["total"]

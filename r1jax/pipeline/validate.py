@@ -47,18 +47,25 @@ def _missing(path: str) -> bool:
 def _check_tokenizer(c: ml_collections.ConfigDict) -> None:
   """A pretrained checkpoint needs its own tokenizer: a toy one trained here would
   give its ids other meanings. A named tokenizer or chat file must exist."""
-  path = c.data.tokenizer_path
+  from r1jax import configs  # noqa: PLC0415
   for name in c.pipeline:
     sc = c.stages[name]
     for field in ("init", "teacher"):
       v = sc.get(field)
-      if isinstance(v, str) and v.startswith("hf:") and not path:
-        raise ConfigError(f"data.tokenizer_path: unset, but stages.{name}.{field}={v!r} is a "
-                          "pretrained checkpoint; set it to that model's tokenizer directory "
+      if not (isinstance(v, str) and v.startswith("hf:")):
+        continue
+      own = "" if field == "teacher" else f" (nor stages.{name}.tokenizer_path)"
+      path = (configs.teacher_tokenizer if field == "teacher" else configs.stage_tokenizer)(c, name)
+      if not path:
+        raise ConfigError(f"data.tokenizer_path: unset{own}, but stages.{name}.{field}={v!r} is "
+                          "a pretrained checkpoint; set it to that model's tokenizer directory "
                           "(tokenizer.json) or .model file")
     data = sc.get("data")
     if isinstance(data, str) and data.startswith("chat:") and _missing(data[len("chat:"):]):
       raise ConfigError(f"stages.{name}.data: no chat file {data[len('chat:'):]!r}")
+    if sc.get("tokenizer_path") and _missing(sc.tokenizer_path):
+      raise ConfigError(f"stages.{name}.tokenizer_path: {sc.tokenizer_path!r} does not exist")
+  path = c.data.tokenizer_path
   if path and _missing(path):
     raise ConfigError(f"data.tokenizer_path: {path!r} does not exist; name a sentencepiece "
                       ".model file or a Hugging Face tokenizer directory (tokenizer.json), or "
@@ -74,6 +81,10 @@ def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
   if not c.pipeline:
     raise ConfigError("pipeline: empty; list the stages to run, e.g. ('pretrain', 'grpo')")
   _check_mesh(c, n_devices)
+  try:  # first: the stages' own models are built over it
+    configs.model_config(c)
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"model: {e}") from None
   seen: list[str] = []
   for name in c.pipeline:
     if name not in c.stages:
@@ -98,7 +109,3 @@ def validate(c: ml_collections.ConfigDict, only: Sequence[str] | None = None,
     if unknown:
       raise ConfigError(f"--stages: {unknown} not in pipeline {list(c.pipeline)}")
   _check_tokenizer(c)
-  try:
-    configs.model_config(c)
-  except (ValueError, TypeError) as e:
-    raise ConfigError(f"model: {e}") from None

@@ -80,7 +80,7 @@ def programs_of(c, stage: str | None = None, *, micro_batches: int | None = None
     if name not in c.stages:
       raise ValueError(f"--stage={name!r}: the experiment's stages are {sorted(c.stages)}")
     sc = c.stages[name]
-    cfg = ModelConfig(**sc.student.to_dict()) if "student" in sc else configs.model_config(c)
+    cfg = configs.stage_model(c, name)
     if "optim" not in sc:
       continue
     ocfg = configs.optim_config(sc)

@@ -242,7 +242,7 @@ def _experiment_step(c, stage: str | None):
     if name not in c.stages:
       raise ValueError(f"--stage={name!r}: the experiment's stages are {sorted(c.stages)}")
     sc = c.stages[name]
-    cfg = ModelConfig(**sc.student.to_dict()) if "student" in sc else configs.model_config(c)
+    cfg = configs.stage_model(c, name)
     if "batch_size" in sc and "seq_len" in sc:
       micro = max(sc.get("micro_batches", 1), 1)
       return name, cfg, sc.batch_size // micro, sc.seq_len, configs.optim_config(sc)

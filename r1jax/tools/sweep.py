@@ -44,7 +44,8 @@ flags.mark_flags_as_required(["ablation", "workdir"])
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # The headline numbers of the printed table, where a stage reports them.
 COLUMNS = ("accuracy_before", "accuracy_after", "format_after", "language_after",
-           "response_len_after", "final_max_vio", "final_loss", "wall_s")
+           "response_len_after", "held_out/pass@1", "held_out/cons@8", "final_max_vio",
+           "final_loss", "wall_s")
 
 
 def arm_arg(variant: str, smoke: bool) -> str:
