@@ -6,7 +6,8 @@ experiments/distill/tiny.py's pretrained dense GQA model, and the teacher the
 main job's R1-Zero model. Both arms share the teacher's stages, the student's
 pretraining and `eval_student_base`; then
   distill: SFT on the teacher's filtered traces (the distill stage, sampling included);
-  rl:      GRPO on the student, R1-Zero style (the main job's GRPO settings).
+  rl:      GRPO on the student, R1-Zero style (the main job's GRPO settings, for
+           twice its steps: about the distill arm's wall time).
 Each arm ends with `eval_student`; the stages' wall_s give each arm's cost.
 
   python -m r1jax.tools.sweep --ablation=experiments/ablations/distill_vs_rl.py --workdir=/tmp/abl
@@ -23,6 +24,10 @@ def _apply(c, variant):
     rl = c.stages.grpo.to_dict()
     rl.pop("kind")
     rl["init"] = "stage:student_pretrain"
+    # Twice the teacher's 30 rollouts: about the distill stage's wall time (its
+    # teacher sampling included) on 2 CPU cores, so the arms cost about the same.
+    rl["steps"] = 2 * rl["steps"]
+    rl["optim"]["total_steps"] = 2 * rl["optim"]["total_steps"]
     c.stages.student_rl = configs.grpo_stage(**rl)
     c.stages.eval_student.init = "stage:student_rl"
     c.pipeline = SHARED + ("student_rl", "eval_student")
