@@ -47,8 +47,10 @@ def test_sweep_reuses_equal_stages_and_writes_a_table(tmp_path, zero_run):
   zero_dir, _ = zero_run
   path = os.path.join(ROOT, "experiments/ablations/kl_beta.py")
   module = configs.experiment(path)
-  summaries = sweep.run_local(module, path, ["b1e-3", "b0"], str(tmp_path), smoke=True,
-                              reuse_from=(zero_dir,))
+  runs = sweep.run_local(module, path, ["b1e-3", "b0"], str(tmp_path), smoke=True,
+                         reuse_from=(zero_dir,))
+  assert list(runs) == ["b1e-3", "b0"] and all(list(r) == [0] for r in runs.values())
+  summaries = {arm: r[0] for arm, r in runs.items()}
 
   def outputs(arm, stage):
     with open(tmp_path / arm / stage / "outputs.json") as f:
@@ -67,8 +69,41 @@ def test_sweep_reuses_equal_stages_and_writes_a_table(tmp_path, zero_run):
   b1 = module.get_config("b1e-3,smoke")
   assert sweep.reusable(b1, "pretrain", other, finished)
   assert not sweep.reusable(b1, "grpo", other, finished)
-  text = sweep.table(summaries)
+  out = sweep.summary(path, runs)
+  assert out["arms"]["b0"]["grpo"]["accuracy_after"] == summaries["b0"]["grpo"]["accuracy_after"]
+  assert out["dirs"] == {"b1e-3": {"0": "b1e-3"}, "b0": {"0": "b0"}}
+  assert not any(d["exceeds_2se"] for d in out["differences"])  # one seed: no error bars
+  text = sweep.table(out)
   assert text.count("\n") == 1 + 8 and "| b0 | grpo |" in text  # 2 arms × 4 stages
+  assert "±" not in text
+
+
+def _runs(values: dict) -> dict:
+  """{arm: [accuracy_after per seed]} as run_local returns them (seeds 0, 1, ...)."""
+  return {arm: {s: {"grpo": {"accuracy_after": v, "steps": 30, "kind": "grpo"}}
+                for s, v in enumerate(vals)} for arm, vals in values.items()}
+
+
+def test_seeds_give_mean_std_and_flag_differences_beyond_two_standard_errors():
+  out = sweep.summary("abl.py", _runs({"ref": [0.50, 0.52, 0.48], "better": [0.80, 0.82, 0.78],
+                                       "noisy": [0.40, 0.70, 0.55]}))
+  assert out["seeds"] == [0, 1, 2] and out["n"] == {"ref": 3, "better": 3, "noisy": 3}
+  assert out["arms"]["ref"]["grpo"]["accuracy_after"] == pytest.approx(0.50)
+  assert out["std"]["ref"]["grpo"]["accuracy_after"] == pytest.approx(0.02)  # n − 1
+  assert out["std"]["noisy"]["grpo"]["accuracy_after"] == pytest.approx(0.15)
+  assert "kind" not in out["arms"]["ref"]["grpo"]  # only numbers are averaged
+  assert out["dirs"]["noisy"] == {"0": "noisy/seed0", "1": "noisy/seed1", "2": "noisy/seed2"}
+  diffs = {(d["arm"], d["metric"]): d for d in out["differences"]}
+  better = diffs[("better", "accuracy_after")]
+  assert better["diff"] == pytest.approx(0.30)
+  assert better["se"] == pytest.approx((0.02 ** 2 / 3 * 2) ** 0.5)
+  assert better["exceeds_2se"]
+  # 0.05 from the reference with a standard error of 0.087: within noise.
+  assert not diffs[("noisy", "accuracy_after")]["exceeds_2se"]
+  assert ("ref", "accuracy_after") not in diffs
+  text = sweep.table(out)
+  assert "| better | grpo | " in text and "0.800 ± 0.020 †" in text
+  assert "0.550 ± 0.150 |" in text
 
 
 def test_sweep_submit_dry_run_prints_one_launch_per_arm(tmp_path):
@@ -80,3 +115,10 @@ def test_sweep_submit_dry_run_prints_one_launch_per_arm(tmp_path):
   for line, arm in zip(out, ("sym", "higher", "much_higher")):
     assert line.endswith(f"launch/slurm.py --config=experiments/ablations/clip_higher.py:{arm} "
                          f"--workdir={tmp_path}/clip_higher/{arm} --nodes=2")
+  seeds = subprocess.run(
+      [sys.executable, "-m", "r1jax.tools.sweep", "--ablation=experiments/ablations/clip_higher.py",
+       f"--workdir={tmp_path}", "--submit=local", "--dry_run", "--seeds=2", "--variants=sym"],
+      cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().splitlines()
+  assert [line.split(" -m r1jax.main ")[1] for line in seeds] == [
+      f"--config=experiments/ablations/clip_higher.py:sym --workdir={tmp_path}/clip_higher/sym/"
+      f"seed{k} --config.seed={k}" for k in (0, 1)]

@@ -1,7 +1,8 @@
 """Every notebook runs top to bottom, headless, in a fresh kernel.
 
 results.ipynb reads the committed fixture runs under tests/fixtures/results/:
-the main job's metrics and samples (pretrain + grpo) and a two-arm sweep.
+the main job's metrics and samples (pretrain + grpo), a two-arm sweep, and a
+two-arm sweep with two seeds per arm (`sweep --smoke --seeds=2`).
 """
 
 import os
@@ -21,7 +22,7 @@ def test_notebook_runs(name, monkeypatch):
   monkeypatch.setenv("R1JAX_HEADLESS", "1")
   monkeypatch.setenv("MPLBACKEND", "Agg")
   monkeypatch.setenv("R1JAX_RESULTS", ",".join(
-      os.path.join(FIXTURES, run) for run in ("r1_zero_tiny", "kl_beta")))
+      os.path.join(FIXTURES, run) for run in ("r1_zero_tiny", "kl_beta", "kl_beta_seeds")))
   monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   path = os.path.join(ROOT, "notebooks", f"{name}.ipynb")
   nb = nbformat.read(path, as_version=4)
@@ -36,3 +37,4 @@ def test_notebook_runs(name, monkeypatch):
                  for o in c.outputs)
   if name == "results":
     assert "r1_zero_tiny" in text and "kl_beta/b0" in text and "before:" in text
+    assert "kl_beta_seeds/b0: 2 seeds" in text and "kl_beta_seeds/b0/seed1" in text

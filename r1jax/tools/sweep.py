@@ -17,6 +17,14 @@ the finished stages of other runs (read from their `config.json`) the same way.
 each arm becomes one `launch/<launcher>.py --config=<file>:<arm> --workdir=…`
 command (arguments after `--` go to the launcher), run in turn or, with
 --dry_run, printed.
+
+`--seeds=N` runs every arm with N run seeds (the experiment's seed and the next
+N−1; a seed moves the task's split, the initialisation and every sample) in
+`<workdir>/<ablation>/<arm>/seed<k>`. Stages shared by arms are shared per seed.
+sweep.json then holds each number's mean, std and count per arm, every seed's
+numbers, and each arm's difference from the reference arm with its standard
+error; the table prints mean ± std and marks differences beyond 2 standard
+errors with †.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 from absl import app, flags
 
 _ABLATION = flags.DEFINE_string("ablation", None, "An ablation file (experiments/ablations/*.py).")
@@ -35,6 +44,9 @@ _VARIANTS = flags.DEFINE_list("variants", None, "Arms to run (default: all, in f
 _SMOKE = flags.DEFINE_bool("smoke", False, "Shrink every arm to a couple of steps.")
 _SUBMIT = flags.DEFINE_enum("submit", None, ["local", "tpu_pod", "slurm"],
                             "Run each arm through launch/<launcher>.py instead of in-process.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Run every arm with this many run seeds (the "
+                              "experiment's seed and the next ones); sweep.json and the table "
+                              "then give mean ± std per number.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "With --submit: print the commands only.")
 _REUSE_FROM = flags.DEFINE_list("reuse_from", [], "Earlier workdirs whose finished stages the "
                                 "arms may copy where the settings are equal (e.g. the main "
@@ -118,48 +130,142 @@ def reuse_finished(c, workdir: str, done: list, log: str = "") -> None:
         break
 
 
+def seed_list(c, n: int) -> list[int]:
+  """The run seeds of `n` repeats: the experiment's seed, then the next n−1."""
+  return [int(c.seed) + i for i in range(n)]
+
+
+def arm_dir(root: str, variant: str, seed: int, n_seeds: int) -> str:
+  """`<root>/<arm>`, or `<root>/<arm>/seed<k>` when every arm runs several seeds."""
+  wd = os.path.join(root, variant)
+  return os.path.join(wd, f"seed{seed}") if n_seeds > 1 else wd
+
+
+def _numbers(results: dict) -> dict:
+  return {name: {k: val for k, val in out.items() if k not in ("checkpoint", "dataset",
+                                                                 "model", "student")}
+          for name, out in results.items()}
+
+
 def run_local(module, path: str, variants: list[str], root: str, smoke: bool,
-              reuse_from: tuple[str, ...] = ()) -> dict:
+              reuse_from: tuple[str, ...] = (), n_seeds: int = 1) -> dict:
+  """Runs every arm (× `n_seeds` run seeds) in this process; returns
+  {arm: {seed: {stage: numbers}}}. Seeds go round the arms, so a stage that two
+  arms share (the pretraining of one seed) is computed once and copied."""
   from r1jax.pipeline import runner
   # (config, workdir, finished stages) of the runs an arm may copy from.
   done: list[tuple[object, str, set[str]]] = [earlier_run(w) for w in reuse_from]
-  summaries = {}
-  for v in variants:
-    arg = arm_arg(v, smoke)
-    c = module.get_config(arg)
-    wd = os.path.join(root, v)
-    reuse_finished(c, wd, done, log=f"{v}: ")
-    print(f"[sweep] {v}: {path}:{arg} -> {wd}", flush=True)
-    results = runner.run(c, wd)
-    done.append((c, wd, set(results)))
-    summaries[v] = {name: {k: val for k, val in out.items() if k not in ("checkpoint", "dataset",
-                                                                            "model", "student")}
-                    for name, out in results.items()}
-  return summaries
+  runs: dict = {v: {} for v in variants}
+  for seed in seed_list(module.get_config(arm_arg(variants[0], smoke)), n_seeds):
+    for v in variants:
+      arg = arm_arg(v, smoke)
+      c = module.get_config(arg)
+      with c.unlocked():
+        c.seed = seed
+      c.lock()
+      wd = arm_dir(root, v, seed, n_seeds)
+      reuse_finished(c, wd, done, log=f"{v} seed {seed}: ")
+      print(f"[sweep] {v} seed {seed}: {path}:{arg} -> {wd}", flush=True)
+      results = runner.run(c, wd)
+      done.append((c, wd, set(results)))
+      runs[v][seed] = _numbers(results)
+  return runs
 
 
-def table(summaries: dict) -> str:
-  """One row per (arm, stage), the headline numbers as columns (markdown)."""
+def statistics(runs: dict) -> dict:
+  """{arm: {stage: {metric: {"mean", "std", "n"}}}} over each arm's seeds: every
+  number logged in all of them (std with n−1; 0 for one seed)."""
+  out = {}
+  for arm, by_seed in runs.items():
+    seeds = list(by_seed.values())
+    out[arm] = {}
+    for stage in seeds[0]:
+      metrics = {}
+      for k, v in seeds[0][stage].items():
+        vals = [s.get(stage, {}).get(k) for s in seeds]
+        if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
+          a = np.asarray(vals, np.float64)
+          metrics[k] = {"mean": float(a.mean()), "n": len(a),
+                        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+      out[arm][stage] = metrics
+  return out
+
+
+def differences(stats: dict, reference: str, columns=None) -> list[dict]:
+  """Each arm's headline numbers against the reference arm's, stage by stage:
+  the difference of means, its standard error (Welch: √(s_a²/n_a + s_r²/n_r)),
+  and whether it exceeds 2 standard errors (only with ≥ 2 seeds on both sides)."""
+  rows = []
+  for arm, stages in stats.items():
+    if arm == reference:
+      continue
+    for stage, metrics in stages.items():
+      for k in columns or COLUMNS:
+        a, r = metrics.get(k), stats[reference].get(stage, {}).get(k)
+        if a is None or r is None or k == "wall_s":
+          continue
+        se = float(np.sqrt(a["std"] ** 2 / a["n"] + r["std"] ** 2 / r["n"]))
+        diff = a["mean"] - r["mean"]
+        rows.append({"arm": arm, "stage": stage, "metric": k, "diff": diff, "se": se,
+                     "exceeds_2se": bool(min(a["n"], r["n"]) > 1 and abs(diff) > 2 * se)})
+  return rows
+
+
+def summary(path: str, runs: dict) -> dict:
+  """What sweep.json holds: per arm the mean of each number (the arm's own numbers
+  with one seed), their std and count, every seed's numbers and workdir, and the
+  differences from the reference arm (the first)."""
+  stats = statistics(runs)
+  arms = list(runs)
+  return {"ablation": path, "seeds": sorted({s for r in runs.values() for s in r}),
+          "arms": {a: {st: {k: m["mean"] for k, m in ms.items()} for st, ms in stats[a].items()}
+                   for a in arms},
+          "std": {a: {st: {k: m["std"] for k, m in ms.items()} for st, ms in stats[a].items()}
+                  for a in arms},
+          "n": {a: len(runs[a]) for a in arms},
+          "runs": {a: {str(s): r for s, r in runs[a].items()} for a in arms},
+          # each run's workdir, relative to the sweep root (arm_dir's layout)
+          "dirs": {a: {str(s): os.path.relpath(arm_dir("", a, s, len(runs[a])))
+                       for s in runs[a]} for a in arms},
+          "differences": differences(stats, arms[0])}
+
+
+def table(sweep_json: dict) -> str:
+  """One row per (arm, stage), the headline numbers as columns (markdown): the
+  value with one seed, mean ± std with several; † marks a difference from the
+  reference arm beyond 2 standard errors."""
+  marked = {(d["arm"], d["stage"], d["metric"]) for d in sweep_json["differences"]
+            if d["exceeds_2se"]}
   lines = ["| arm | stage | " + " | ".join(COLUMNS) + " |",
            "|---|---|" + "---|" * len(COLUMNS)]
-  for arm, stages in summaries.items():
+  for arm, stages in sweep_json["arms"].items():
+    several = sweep_json["n"][arm] > 1
     for name, out in stages.items():
-      cells = [f"{out[k]:.3f}" if isinstance(out.get(k), (int, float)) else ""
-               for k in COLUMNS]
+      cells = []
+      for k in COLUMNS:
+        if not isinstance(out.get(k), (int, float)):
+          cells.append("")
+          continue
+        cell = f"{out[k]:.3f}"
+        if several:
+          cell += f" ± {sweep_json['std'][arm][name][k]:.3f}"
+        cells.append(cell + (" †" if (arm, name, k) in marked else ""))
       lines.append(f"| {arm} | {name} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
 def submit_commands(path: str, variants: list[str], root: str, launcher: str, smoke: bool,
-                    extra: list[str]) -> list[list[str]]:
+                    extra: list[str], seeds: list[int]) -> list[list[str]]:
   out = []
-  for v in variants:
-    cfg, wd = f"--config={path}:{arm_arg(v, smoke)}", os.path.join(root, v)
-    if launcher == "local":  # one process per arm, this machine
-      out.append([sys.executable, "-m", "r1jax.main", cfg, f"--workdir={wd}", *extra])
-    else:
-      out.append([sys.executable, os.path.join(ROOT, "launch", f"{launcher}.py"), cfg,
-                  f"--workdir={wd}", *extra])
+  for seed in seeds:
+    for v in variants:
+      cfg, wd = f"--config={path}:{arm_arg(v, smoke)}", arm_dir(root, v, seed, len(seeds))
+      args = [cfg, f"--workdir={wd}"] + ([f"--config.seed={seed}"] if len(seeds) > 1 else [])
+      if launcher == "local":  # one process per arm, this machine
+        out.append([sys.executable, "-m", "r1jax.main", *args, *extra])
+      else:
+        out.append([sys.executable, os.path.join(ROOT, "launch", f"{launcher}.py"), *args,
+                    *extra])
   return out
 
 
@@ -175,8 +281,12 @@ def main(argv):
     raise app.UsageError(f"--variants: {unknown} not in {list(module.VARIANTS)}")
   name = os.path.splitext(os.path.basename(path))[0]
   root = _WORKDIR.value.rstrip("/") + "/" + name
+  if _SEEDS.value < 1:
+    raise app.UsageError(f"--seeds={_SEEDS.value}: run at least one seed")
   if _SUBMIT.value:
-    for cmd in submit_commands(path, variants, root, _SUBMIT.value, _SMOKE.value, argv[1:]):
+    seeds = seed_list(module.get_config(arm_arg(variants[0], _SMOKE.value)), _SEEDS.value)
+    for cmd in submit_commands(path, variants, root, _SUBMIT.value, _SMOKE.value, argv[1:],
+                               seeds):
       if _DRY_RUN.value:
         print(" ".join(cmd))
       else:
@@ -186,10 +296,12 @@ def main(argv):
     raise app.UsageError("--dry_run needs --submit")
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]} (launcher arguments need --submit)")
-  summaries = run_local(module, path, variants, root, _SMOKE.value, tuple(_REUSE_FROM.value))
+  runs = run_local(module, path, variants, root, _SMOKE.value, tuple(_REUSE_FROM.value),
+                   _SEEDS.value)
+  out = summary(path, runs)
   with open(os.path.join(root, "sweep.json"), "w") as f:
-    json.dump({"ablation": path, "arms": summaries}, f, indent=1, sort_keys=True)
-  print(table(summaries), flush=True)
+    json.dump(out, f, indent=1, sort_keys=True)
+  print(table(out), flush=True)
 
 
 if __name__ == "__main__":
