@@ -1,6 +1,8 @@
 """Test-wide setup: 8 virtual CPU devices for the sharding tests, shared fixtures."""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX is imported anywhere in the test session.
 # The two compiler flags halve XLA:CPU compile time, which dominates a suite of
@@ -10,11 +12,27 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test run, made by the first process to load
+# this file (the xdist controller) and inherited by both workers: a program one
+# worker compiled, or one compiled again after `jax.clear_caches()` below, is read
+# back from disk instead. Removed when the run ends.
+if "R1JAX_TEST_JAX_CACHE" not in os.environ:
+  os.environ["R1JAX_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="r1jax-test-jax-cache-")
+  _OWN_CACHE = True
+else:
+  _OWN_CACHE = False
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["R1JAX_TEST_JAX_CACHE"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 from r1jax.model import ModelConfig, Transformer, init_params  # noqa: E402
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE:
+    shutil.rmtree(os.environ["R1JAX_TEST_JAX_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="module")
