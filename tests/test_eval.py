@@ -72,14 +72,15 @@ def test_benchmark_metrics_by_hand():
 
 
 def test_summarise_reads_sample_records():
-  records = [dict(extracted=a, correct=c, tokens=t, finished=f, format=1.0, language=1.0)
-             for a, c, t, f in [("12", True, 10, True), ("12", True, 20, True),
-                                ("11", False, 64, False), (None, False, 64, False)]]
+  records = [dict(extracted=a, correct=c, tokens=t, finished=f, format=1.0, language=1.0,
+                  reflective=r)
+             for a, c, t, f, r in [("12", True, 10, True, 0), ("12", True, 20, True, 3),
+                                   ("11", False, 64, False, 1), (None, False, 64, False, 0)]]
   m = eval_lib.summarise(records, k=2, pass_ks=(2,))
   assert m["n_prompts"] == 2 and m["k"] == 2
   assert m["pass@1"] == 0.5 and m["cons@2"] == 0.5 and m["pass@2"] == 0.5
   assert m["response_len"] == pytest.approx(39.5) and m["truncated"] == 0.5
-  assert m["answered"] == 0.75
+  assert m["answered"] == 0.75 and m["reflective_words"] == 1.0
 
 
 def test_extracted_answer_is_the_one_final_answer():

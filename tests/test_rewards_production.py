@@ -22,6 +22,7 @@ from r1jax.data.tasks import arithmetic, countdown, read_code, read_math
 from r1jax.model import ModelConfig, init_params
 from r1jax.rewards import REWARDS, RewardEvaluator, RewardSpec
 from r1jax.rewards import sandbox as sb
+from r1jax.rewards import text as text_lib
 from r1jax.rl import step as step_lib
 from r1jax.rl.step import GRPOConfig, GRPOStep
 from r1jax.train.optim import OptimConfig
@@ -175,6 +176,10 @@ def test_well_formed_completions_score_in_range_without_errors(run, request):
     assert values.shape == (Q * G,)
     assert all(math.isfinite(v) and lo <= v <= hi for v in values), (term.name, values)
   np.testing.assert_allclose(rewards, sum(t.weight * per_reward[t.name] for t in spec.terms))
+  # The "aha" count is taken on the completions the rewards saw.
+  counts = [text_lib.reflective_words(c) for c in completions]
+  assert metrics["reflect/words_per_response"] == pytest.approx(np.mean(counts))
+  assert metrics["reflect/rate"] == pytest.approx(np.mean([n > 0 for n in counts]))
   # The reference answers are right, for every task (countdown included).
   key = "code" if run == "code_run" else "accuracy"
   np.testing.assert_array_equal(per_reward[key], 1.0)

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 
+from r1jax.rewards import text as text_lib
 from r1jax.rewards import (cosine_accuracy, dapo_overlong, format_checks, format_reward,
                            language, overlong, repetition, script_counts)
 
@@ -124,3 +125,15 @@ def test_repetition_penalty():
   looped = "I think so. " * 50
   assert -1.0 <= repetition(looped, {}) < -0.9
   assert math.isclose(repetition("a b c a b c", {}, ngram=3), -1.0 * (1 - 3 / 4))
+
+
+def test_reflective_words_are_counted_in_the_reasoning_only():
+  cot = ("<think>Try 3 + 4 = 7. Wait, 7 is not 12. Try again. Let me CHECK: 3 * 4 = 12. "
+         "The waiter checks nothing; however it works. 等等，再试，验证一下。</think> "
+         "<answer>wait 3 * 4</answer>")
+  # wait, again, CHECK, however (not "waiter" or "checks"), 等等, 再试, 验证; the answer's
+  # "wait" is not reasoning.
+  assert text_lib.reflective_words(cot) == 7
+  assert text_lib.reflective_words("<think>3 + 4 = 7.</think> <answer>7</answer>") == 0
+  # A completion that never closes its thinking is all reasoning.
+  assert text_lib.reflective_words("<think>wait wait") == 2

@@ -18,6 +18,7 @@ from r1jax import storage
 from r1jax.eval import metrics as metrics_lib
 from r1jax.pipeline import stages
 from r1jax.pipeline.context import Context
+from r1jax.rewards import text as text_lib
 from r1jax.rewards.accuracy import extract_answers
 
 # The per-sample scores an evaluation reads (format options follow the template).
@@ -68,7 +69,8 @@ def run(ctx: Context, cfg, params, benchmarks: Sequence[tuple[str, list[dict]]],
         "completion": completion, "extracted": extracted_answer(completion),
         "correct": bool(per["accuracy"][i] >= 1.0), "tokens": len(gens.tokens[i]),
         "finished": bool(gens.finished[i]), "format": float(per["format"][i]),
-        "language": float(per["language"][i])})
+        "language": float(per["language"][i]),
+        "reflective": text_lib.reflective_words(completion)})
   results = {}
   for name, exs in benchmarks:
     mine = [r for r in records if r["benchmark"] == name]
@@ -94,7 +96,7 @@ def summarise(records: list[dict], k: int, pass_ks: Sequence[int] = (),
 
   out.update({"n_prompts": n_prompts, "k": k, "response_len": mean("tokens"),
               "format": mean("format"), "truncated": 1.0 - mean("finished"),
-              "language": mean("language"),
+              "language": mean("language"), "reflective_words": mean("reflective"),
               "answered": float(np.mean([r["extracted"] is not None for r in records]))})
   return out
 

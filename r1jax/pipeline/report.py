@@ -15,7 +15,8 @@ from r1jax.train.metrics import read_jsonl  # noqa: E402
 # The curves worth a panel, in this order, when a stage logged them.
 PANELS = (
     ("reward/mean", "reward"), ("accuracy", "accuracy (train rollouts)"),
-    ("response_len/mean", "response length (tokens)"), ("kl", "KL to reference"),
+    ("response_len/mean", "response length (tokens)"),
+    ("reflect/words_per_response", "reflective words per response"), ("kl", "KL to reference"),
     ("loss", "loss"), ("lm_loss", "LM loss"), ("max_vio", "MaxVio (expert load)"),
 )
 

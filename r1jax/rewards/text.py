@@ -71,3 +71,21 @@ def braces_balanced(text: str) -> bool:
       return False
     i += 1
   return depth == 0
+
+
+# The reflective words whose frequency in R1-Zero's rollouts rises with its "aha
+# moment" (the R1 paper's analysis: wait, mistake, however, retry, error, verify,
+# wrong, evaluate, check), "again", and their Chinese forms. "But" is left out:
+# ordinary prose is full of it.
+REFLECTIVE_WORDS = ("wait", "mistake", "however", "retry", "error", "verify", "wrong",
+                    "evaluate", "check", "again")
+REFLECTIVE_WORDS_ZH = ("等等", "等一下", "错误", "错了", "然而", "重试", "验证", "检查", "再试",
+                       "重新")
+_REFLECTIVE = re.compile(r"\b(?:" + "|".join(REFLECTIVE_WORDS) + r")\b|" +
+                         "|".join(REFLECTIVE_WORDS_ZH), re.IGNORECASE)
+
+
+def reflective_words(completion: str) -> int:
+  """How many reflective words (REFLECTIVE_WORDS, REFLECTIVE_WORDS_ZH) the
+  completion's reasoning holds; English ones as whole words, any case."""
+  return len(_REFLECTIVE.findall(reasoning(completion)))

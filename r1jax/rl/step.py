@@ -40,6 +40,7 @@ from jax.sharding import Mesh
 from r1jax.model import ModelConfig, logical_axes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import multihost
+from r1jax.rewards import text as text_lib
 from r1jax.rl import grpo
 from r1jax.rl.config import GRPOConfig
 from r1jax.rl.rollout import sample
@@ -209,6 +210,8 @@ class GRPOStep:
     texts = [self.decode([int(t) for t in out["tokens"][i, :n]]) for i, n in zip(rows, n_tokens)]
     row_examples = [{**exs[i // G], "completion_tokens": n} for i, n in zip(rows, n_tokens)]
     rewards, per_reward, reward_metrics = self.reward_fn(texts, row_examples)
+    out["reflective"] = multihost.gather_rows(
+        np.array([text_lib.reflective_words(t) for t in texts], np.float64), rows, B)
     out["rewards"] = multihost.gather_rows(np.asarray(rewards, np.float64), rows, B)
     out["per_reward"] = {k: multihost.gather_rows(np.asarray(v, np.float64), rows, B)
                          for k, v in sorted(per_reward.items())}
@@ -360,10 +363,14 @@ class GRPOStep:
     """Reward and length statistics over every completion sampled this step."""
     cat = lambda key: np.concatenate([r[key] for r in rounds])
     rewards, lengths, finished = cat("rewards"), cat("lengths"), cat("finished")
+    reflective = cat("reflective")
     rollout_s = sum(r["rollout_s"] for r in rounds)
     m = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std()),
          "response_len/mean": float(lengths.mean()), "response_len/max": float(lengths.max()),
          "truncation_rate": float(1.0 - finished.mean()),
+         # R1's "aha" count: reflective words per completion, and the share using any
+         "reflect/words_per_response": float(reflective.mean()),
+         "reflect/rate": float((reflective > 0).mean()),
          "time/rollout_s": rollout_s, "time/reward_s": sum(r["reward_s"] for r in rounds),
          "rollout_tokens_per_s": float(lengths.sum()) / max(rollout_s, 1e-9)}
     for name in rounds[0]["per_reward"]:

@@ -18,8 +18,9 @@ would accept the bare target "74"). `match` is "countdown" so that a reward
 which only knows "math"/"exact" fails loudly instead of scoring it wrongly.
 
 The worked solution is a trial-and-error search: up to `max_misses` complete
-attempts that miss the target (every step computed correctly), then the
-attempt that hits it. Problems are built backwards from a random combination
+attempts that miss the target (every step computed correctly), each followed by
+a self-check in reflective words ("Wait, 7 is not 12. Try again."; the R1
+paper counts such words to trace its "aha moment"), then the attempt that hits it. Problems are built backwards from a random combination
 of the numbers, so each one is solvable by construction.
 """
 
@@ -40,10 +41,10 @@ _ALIASES = str.maketrans({"×": "*", "÷": "/", "−": "-", "（": "(", "）": "
 
 _WORDS = {
     "en": {"ask": "Using the numbers {numbers}, each exactly once, and + - * /, make {target}.",
-           "sep": ", ", "try": "Try {steps}.", "miss": "{value} is not {target}, so no.",
+           "sep": ", ", "try": "Try {steps}.", "miss": "Wait, {value} is not {target}. Try again.",
            "hit": "That makes {target}.", "final": "So the answer is {expr}."},
     "zh": {"ask": "用 {numbers} 这几个数（每个数恰好用一次）和 + - * / 凑出 {target}。",
-           "sep": "、", "try": "试试 {steps}。", "miss": "{value} 不等于 {target}，不行。",
+           "sep": "、", "try": "试试 {steps}。", "miss": "等等，{value} 不等于 {target}，再试。",
            "hit": "正好是 {target}。", "final": "所以答案是 {expr}。"},
 }
 # Chinese runs sentences together without spaces.
