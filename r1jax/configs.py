@@ -174,7 +174,8 @@ def distill_stage(**kw) -> ml_collections.ConfigDict:
 
 def grpo_stage(**kw) -> ml_collections.ConfigDict:
   """GRPO from `init` with weighted rule-based rewards; held-out accuracy is
-  measured before and after with `eval_*` sampling settings."""
+  measured before and after on `eval_prompts` prompts with `eval_*` sampling
+  settings (0 = no in-stage evaluation)."""
   from r1jax.rl.step import GRPOConfig  # the RL layer is only needed by RL stages
   keys = _stage_keys("grpo", init="", template="r1_zero",
               rewards=(("accuracy", 1.0), ("format", 0.5)), reward_timeout_s=10.0,

@@ -313,8 +313,9 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   # Before and after share their sampling keys: a paired comparison.
   eval_kw = dict(template=sc.template, max_prompt_len=g.max_prompt_len,
                  max_new_tokens=g.max_new_tokens, seed=stage_seed(ctx.c.seed, name, "eval"))
-  before = evaluate(ctx, cfg, params, sc, **eval_kw)
-  ctx.log(f"  held-out before: accuracy {before['accuracy']:.3f}  format {before['format']:.3f}")
+  before = evaluate(ctx, cfg, params, sc, **eval_kw) if sc.eval_prompts else {}
+  if before:
+    ctx.log(f"  held-out before: accuracy {before['accuracy']:.3f}  format {before['format']:.3f}")
   examples, dropped = pipelines.prompt_examples(ctx.tok, ctx.train_examples, template=sc.template,
                                                 max_prompt_len=g.max_prompt_len,
                                                 seed=stage_seed(ctx.c.seed, name, "prompts"))
@@ -353,9 +354,12 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
         writer.flush()
     writer.close()
     ckpt.close()
-  after = evaluate(ctx, cfg, state.params, sc, **eval_kw)
-  ctx.log(f"  held-out after:  accuracy {after['accuracy']:.3f}  format {after['format']:.3f}")
-  _write_samples(ctx, stage_dir, {"before": before.pop("samples"), "after": after.pop("samples")})
+  after = {}
+  if sc.eval_prompts:  # 0: no in-stage evaluation (an eval stage may follow)
+    after = evaluate(ctx, cfg, state.params, sc, **eval_kw)
+    ctx.log(f"  held-out after:  accuracy {after['accuracy']:.3f}  format {after['format']:.3f}")
+    _write_samples(ctx, stage_dir, {"before": before.pop("samples"),
+                                    "after": after.pop("samples")})
   out = ctx.save_params(stage_dir, cfg, state.params)
   out.update({"steps": int(state.step), "prompts_dropped": dropped})
   out.update({f"{k}_before": v for k, v in before.items()})
