@@ -24,7 +24,7 @@ from r1jax import configs
 def eval_stage(init: str):
   return configs.eval_stage(init=init, benchmarks=(("held_out", "task:held_out"),),
                             max_prompts=64, samples=8, temperature=0.6, top_p=0.95,
-                            template="r1_zero", max_prompt_len=112, max_new_tokens=96,
+                            template="r1_zero", max_prompt_len=160, max_new_tokens=160,
                             batch_rows=512)
 
 
@@ -36,7 +36,12 @@ def get_config(arg: str | None = None):
     c.data.update(dict(task="countdown", min_numbers=3, max_numbers=3, max_value=12,
                        max_target=40, max_misses=2, zh_fraction=0.25, n_train=4096,
                        n_eval=200))
-    c.stages.grpo.grpo.max_new_tokens = 96
+    # Countdown prompts and searches are longer than the sums: with the toy
+    # tokenizer a prompt is up to ~140 tokens and a worked search up to ~145.
+    c.model.max_seq_len = 512
+    c.stages.pretrain.seq_len = 320
+    c.stages.grpo.grpo.max_prompt_len = 160
+    c.stages.grpo.grpo.max_new_tokens = 160
     c.stages.eval_base = eval_stage("stage:pretrain")
     c.stages.eval = eval_stage("stage:grpo")
     if arg == "smoke":
