@@ -175,14 +175,17 @@ def distill_stage(**kw) -> ml_collections.ConfigDict:
 def grpo_stage(**kw) -> ml_collections.ConfigDict:
   """GRPO from `init` with weighted rule-based rewards; held-out accuracy is
   measured before and after on `eval_prompts` prompts with `eval_*` sampling
-  settings (0 = no in-stage evaluation)."""
+  settings (0 = no in-stage evaluation), and every `eval_every` steps in between
+  (0 = never), logged as eval/accuracy (pass@1) and eval/cons@<eval_samples>: the
+  paper's R1-Zero curve of majority voting against pass@1 over training."""
   from r1jax.rl.step import GRPOConfig  # the RL layer is only needed by RL stages
   keys = _stage_keys("grpo", init="", template="r1_zero",
               rewards=(("accuracy", 1.0), ("format", 0.5)), reward_timeout_s=10.0,
               reward_workers=2, grpo=ml_collections.ConfigDict(_fields(GRPOConfig())),
               steps=50, log_every=1, checkpoint_every=10,
               optim=ml_collections.ConfigDict(_fields(OptimConfig())),
-              eval_prompts=128, eval_samples=2, eval_temperature=0.6, eval_top_p=0.95,
+              eval_prompts=128, eval_samples=2, eval_every=0, eval_temperature=0.6,
+              eval_top_p=0.95,
               eval_top_k=0)
   return ml_collections.ConfigDict(_apply(keys, kw))
 

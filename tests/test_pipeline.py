@@ -145,3 +145,31 @@ def test_rejection_filters_follow_r1():
   c = load_config("experiments/r1/tiny.py")
   assert c.stages.rejection.reject_code_blocks and c.stages.rejection.max_paragraph_chars
   assert 0 < c.stages.rejection.max_repetition < 0.5
+
+
+def test_grpo_logs_pass_at_1_and_cons_at_k_over_training(zero_run, tmp_path):
+  """eval_every: the in-stage evaluation at step 0 (= before), every k steps, and the
+  last step (= after), as metric rows; the report plots them in one panel."""
+  from r1jax.tools import sweep
+  zero_dir, zero = zero_run
+  c = load_config("experiments/r1_zero/tiny.py", "smoke")
+  with c.unlocked():
+    c.pipeline = ("pretrain", "grpo")
+    c.stages.grpo.eval_every = 1
+    c.stages.grpo.eval_samples = 2
+  c.lock()
+  workdir = str(tmp_path / "run")
+  sweep.reuse_finished(c, workdir, [sweep.earlier_run(zero_dir)])
+  out = runner.run(c, workdir)["grpo"]
+  rows = [r for r in read_jsonl(os.path.join(workdir, "grpo", "metrics.jsonl"))
+          if "eval/accuracy" in r]
+  assert [r["step"] for r in rows] == [0, 1, 2]
+  assert rows[0]["eval/accuracy"] == out["accuracy_before"]
+  assert rows[-1]["eval/accuracy"] == out["accuracy_after"]
+  assert rows[-1]["eval/cons@2"] == out["cons@2_after"]
+  assert all("eval/cons@2" in r for r in rows)
+  # The training rows are the steps' own: the periodic evaluation adds no rollout.
+  steps = [r for r in read_jsonl(os.path.join(workdir, "grpo", "metrics.jsonl"))
+           if "reward/mean" in r]
+  assert [r["step"] for r in steps] == [1, 2]
+  assert os.path.exists(os.path.join(workdir, "grpo", "metrics.png"))

@@ -18,6 +18,7 @@ PANELS = (
     ("response_len/mean", "response length (tokens)"),
     ("reflect/words_per_response", "reflective words per response"), ("kl", "KL to reference"),
     ("loss", "loss"), ("lm_loss", "LM loss"), ("max_vio", "MaxVio (expert load)"),
+    ("eval/accuracy", "held-out pass@1 and cons@k"),
 )
 
 
@@ -28,8 +29,15 @@ def plot_stage(stage_dir: str, title: str) -> str | None:
     return None
   fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
   for ax, (key, label) in zip(axes[0], panels):
-    pts = [(r["step"], r[key]) for r in rows if key in r]
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5)
+    # The in-stage evaluation's panel draws majority voting beside pass@1.
+    keys = [key] + (sorted({k for r in rows for k in r if k.startswith("eval/cons@")})
+                    if key == "eval/accuracy" else [])
+    for k in keys:
+      pts = [(r["step"], r[k]) for r in rows if k in r]
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.5, marker="." if len(keys) > 1
+              else None, label=k.split("/", 1)[1] if len(keys) > 1 else None)
+    if len(keys) > 1:
+      ax.legend(fontsize=7)
     ax.set_title(label, fontsize=9)
     ax.set_xlabel("step", fontsize=8)
     ax.tick_params(labelsize=7)

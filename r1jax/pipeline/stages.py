@@ -293,6 +293,11 @@ def evaluate(ctx: Context, cfg: ModelConfig, params, sc, *, template: str, max_p
                        "answer": r["gold"]} for r in records[:6]]}
 
 
+def _eval_metrics(ev: dict, k: int) -> dict:
+  """An in-stage evaluation as metric-row entries: pass@1 and cons@k over training."""
+  return {"eval/accuracy": ev["accuracy"], f"eval/cons@{k}": ev[f"cons@{k}"]}
+
+
 def batch_rows(ctx: Context, n: int, cap: int = 256) -> int:
   """A sampler batch size: ≥ n rows if it fits under cap, a multiple of the data axes."""
   m = ctx.n_data_parallel
@@ -339,10 +344,18 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     # A GRPO step counts as refused when any of its updates was (skipped_nonfinite is
     # the fraction of them); that many steps in a row stop the stage.
     guard = trainer.NonFiniteGuard(name, ocfg.max_nonfinite_steps)
+    last_eval = None
+    if before and sc.eval_every and int(state.step) == 0:
+      writer.write(0, _eval_metrics(before, sc.eval_samples))
     while int(state.step) < sc.steps:
       state, m = step_fn(state, examples, rng)
       step = int(state.step)
-      if step % sc.log_every == 0 or step == sc.steps or m["skipped_nonfinite"]:
+      periodic = bool(sc.eval_prompts and sc.eval_every and
+                      (step % sc.eval_every == 0 or step == sc.steps))
+      if periodic:  # the last step's is also `after`, below
+        last_eval = (step, evaluate(ctx, cfg, state.params, sc, **eval_kw))
+        m.update(_eval_metrics(last_eval[1], sc.eval_samples))
+      if step % sc.log_every == 0 or step == sc.steps or m["skipped_nonfinite"] or periodic:
         writer.write(step, m)
       try:
         guard(step, m["skipped_nonfinite"])
@@ -356,7 +369,8 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     ckpt.close()
   after = {}
   if sc.eval_prompts:  # 0: no in-stage evaluation (an eval stage may follow)
-    after = evaluate(ctx, cfg, state.params, sc, **eval_kw)
+    done = last_eval is not None and last_eval[0] == int(state.step)
+    after = last_eval[1] if done else evaluate(ctx, cfg, state.params, sc, **eval_kw)
     ctx.log(f"  held-out after:  accuracy {after['accuracy']:.3f}  format {after['format']:.3f}")
     _write_samples(ctx, stage_dir, {"before": before.pop("samples"),
                                     "after": after.pop("samples")})
