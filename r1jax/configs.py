@@ -232,15 +232,16 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
   if "micro_batches" in sc:
     from r1jax.train.sft import check_micro_batches
     check_micro_batches(sc.batch_size, sc.micro_batches, n_dp)
+  init = sc.get("init", "")
+  from_stage = isinstance(init, str) and init.startswith("stage:")
   key = _model_key(sc)
   if key:
-    init = sc.get("init", "")
-    if sc[key] and isinstance(init, str) and init.startswith("stage:"):
+    if sc[key] and from_stage:
       raise ValueError(f"{key}: leave it {{}} when init={init!r}; the model is that stage's")
     model_config(c, sc[key])
-  init = sc.get("init", "")
-  if sc.get("tokenizer_path") and isinstance(init, str) and init.startswith("stage:"):
-    inherited = stage_tokenizer(c, init[6:]) if init[6:] in c.stages else ""
+  if sc.get("tokenizer_path") and from_stage:
+    ref = _stage_ref(c, init)
+    inherited = stage_tokenizer(c, ref) if ref else ""
     if sc.tokenizer_path != inherited:
       raise ValueError(f"tokenizer_path={sc.tokenizer_path!r}, but init={init!r} was trained "
                        f"with {inherited or 'the run tokenizer'!r}; a model's token ids mean "
@@ -364,6 +365,13 @@ def model_config(c: ml_collections.ConfigDict, overrides=None) -> ModelConfig:
   return ModelConfig(**fields)
 
 
+def _stage_ref(c: ml_collections.ConfigDict, value) -> str | None:
+  """The stage of `c` that a field's "stage:<name>" names, else None."""
+  if isinstance(value, str) and value.startswith("stage:") and value[6:] in c.stages:
+    return value[6:]
+  return None
+
+
 def _model_key(sc) -> str | None:
   return "student" if sc.get("kind") == "distill" else ("model" if "model" in sc else None)
 
@@ -373,9 +381,9 @@ def stage_model(c: ml_collections.ConfigDict, name: str) -> ModelConfig:
   student): its `init` stage's model when it starts from one, else the experiment's
   `model` with the stage's `model` / `student` fields over it."""
   sc = c.stages[name]
-  init = sc.get("init", "")
-  if isinstance(init, str) and init.startswith("stage:") and init[6:] in c.stages:
-    return stage_model(c, init[6:])
+  init = _stage_ref(c, sc.get("init"))
+  if init:
+    return stage_model(c, init)
   key = _model_key(sc)
   return model_config(c, sc[key] if key else None)
 
@@ -387,26 +395,20 @@ def stage_tokenizer(c: ml_collections.ConfigDict, name: str) -> str:
   sc = c.stages[name]
   if sc.get("tokenizer_path"):
     return sc.tokenizer_path
-  init = sc.get("init", "")
-  if isinstance(init, str) and init.startswith("stage:") and init[6:] in c.stages:
-    return stage_tokenizer(c, init[6:])
-  return c.data.tokenizer_path
+  init = _stage_ref(c, sc.get("init"))
+  return stage_tokenizer(c, init) if init else c.data.tokenizer_path
 
 
 def teacher_tokenizer(c: ml_collections.ConfigDict, name: str) -> str:
   """A distill stage's teacher's tokenizer path: its stage's, or data.tokenizer_path."""
-  teacher = c.stages[name].teacher
-  if teacher.startswith("stage:") and teacher[6:] in c.stages:
-    return stage_tokenizer(c, teacher[6:])
-  return c.data.tokenizer_path
+  teacher = _stage_ref(c, c.stages[name].teacher)
+  return stage_tokenizer(c, teacher) if teacher else c.data.tokenizer_path
 
 
 def teacher_model(c: ml_collections.ConfigDict, name: str) -> ModelConfig:
   """The model a distill stage's teacher is: its stage's, or the experiment's for "hf:"."""
-  teacher = c.stages[name].teacher
-  if teacher.startswith("stage:") and teacher[6:] in c.stages:
-    return stage_model(c, teacher[6:])
-  return model_config(c)
+  teacher = _stage_ref(c, c.stages[name].teacher)
+  return stage_model(c, teacher) if teacher else model_config(c)
 
 
 def optim_config(sc: ml_collections.ConfigDict) -> OptimConfig:

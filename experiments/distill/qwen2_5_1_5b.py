@@ -17,17 +17,18 @@ On a CPU it only builds, validates and plans (the test suite does that):
   python -m r1jax.tools.plan --config=experiments/distill/qwen2_5_1_5b.py --devices=256
 """
 
+import ml_collections
+
 from r1jax import configs
 
 
 def get_config(arg: str | None = None):
-  c = configs.base()
-  # c.model is the teacher's architecture (read from its checkpoint when it loads).
-  configs.with_model_preset(c, "deepseek_v3_671b", ep_chunk_tokens=512, sequence_parallel=True)
+  # The R1-Zero pod config's model (the teacher's architecture, read from its
+  # checkpoint when it loads), data and DeepSeek tokenizer, with its own stages.
+  c = configs.experiment("r1_zero/v3_671b.py").get_config()
+  c.unlock()
   c.mesh = (1, 32, 8, 1)
-  c.data.update(dict(task="math_jsonl", train_path="gs://BUCKET/data/math_train.jsonl",
-                     eval_path="gs://BUCKET/data/aime24.jsonl", n_train=0, n_eval=30,
-                     vocab_size=129280, tokenizer_path="gs://BUCKET/deepseek_v3"))
+  c.stages = ml_collections.ConfigDict()
   c.pipeline = ("distill", "eval")
   c.stages.distill = configs.distill_stage(
       teacher="hf:/mnt/checkpoints/DeepSeek-R1-bf16",

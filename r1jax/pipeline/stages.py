@@ -60,10 +60,6 @@ def _init(ctx: Context, sc, inputs: dict, field: str = "init",
   return fresh, None
 
 
-def _own_model(ctx: Context, sc, key: str = "model") -> ModelConfig:
-  """The experiment's model with the stage's `model` (or `student`) fields over it."""
-  return configs.model_config(ctx.c, sc.get(key))
-
 
 def _encode(ctx: Context, sc, pairs, eval_pairs) -> tuple[dict, dict]:
   """(train rows, held-out rows) of (prompt, response) pairs, loss on the response."""
@@ -139,7 +135,7 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
                                     sc.direct_answer_rate if template else 0.0))
     return pack_documents(ctx.tok, docs, sc.seq_len)
 
-  cfg, params = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc))
+  cfg, params = _init(ctx, sc, inputs, fresh=configs.stage_model(ctx.c, name))
   train_rows = rows(ctx.train_examples)
   ctx.log(f"  {len(train_rows['tokens'])} packed rows")
   return _supervised(ctx, name, sc, stage_dir, cfg, params, train_rows, rows(ctx.eval_examples))
@@ -152,7 +148,7 @@ def _dataset_pairs(path: str) -> list[tuple[str, str]]:
 def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   if sc.data.startswith("chat:"):
     return _chat_sft(ctx, name, sc, inputs, stage_dir)
-  cfg, params = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc))
+  cfg, params = _init(ctx, sc, inputs, fresh=configs.stage_model(ctx.c, name))
   if sc.data == "task":
     pairs = pipelines.sft_pairs(ctx.tok, ctx.train_examples, sc.template)
   else:
@@ -187,7 +183,7 @@ def _chat_sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict
   if len(rows["tokens"]) < sc.batch_size or not len(eval_rows["tokens"]):
     raise RuntimeError(f"stage {name}: too few conversations of {path} fit in "
                        f"seq_len={sc.seq_len}; raise seq_len")
-  cfg, params = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc))
+  cfg, params = _init(ctx, sc, inputs, fresh=configs.stage_model(ctx.c, name))
   return _supervised(ctx, name, sc, stage_dir, cfg, params, rows, eval_rows)
 
 
@@ -476,7 +472,7 @@ def distill(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   traces = _sample_and_filter(teacher_ctx, teacher_cfg, teacher, sc, stage_dir,
                               stage_seed(ctx.c.seed, name, "sample"))
   del teacher
-  student_cfg, student = _init(ctx, sc, inputs, fresh=_own_model(ctx, sc, "student"))
+  student_cfg, student = _init(ctx, sc, inputs, fresh=configs.stage_model(ctx.c, name))
   pairs = (_dataset_pairs(traces["dataset"]) +
            pipelines.sft_pairs(ctx.tok, ctx.train_examples[:sc.extra_task_rows], sc.template))
   if len(pairs) < sc.batch_size:
