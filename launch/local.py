@@ -22,6 +22,16 @@ import threading
 import time
 
 
+def _hugepage_env(base: dict) -> dict:
+  """r1jax.hugepage_env when r1jax is importable here (children then start with
+  glibc's huge-page tunable instead of restarting for it), else `base`."""
+  try:
+    from r1jax import hugepage_env
+  except ImportError:
+    return dict(base)
+  return hugepage_env(base)
+
+
 def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -29,7 +39,7 @@ def free_port() -> int:
 
 
 def process_env(base: dict, *, port: int, n: int, i: int, devices: int) -> dict:
-  env = dict(base)
+  env = _hugepage_env(base)
   flags = [f for f in env.get("XLA_FLAGS", "").split()
            if not f.startswith("--xla_force_host_platform_device_count")]
   env.update({

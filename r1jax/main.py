@@ -125,4 +125,6 @@ def run():
 
 
 if __name__ == "__main__":
+  import r1jax
+  r1jax.reexec_with_hugepages()
   run()

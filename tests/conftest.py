@@ -12,6 +12,10 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_backend_optimization_level=0"
                            " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# glibc's huge-page tunable (r1jax/__init__.py) for the xdist workers and every
+# subprocess a test starts: this process has started already, its children read it.
+import r1jax  # noqa: E402  (sets only environment variables; JAX is not imported)
+os.environ.update(r1jax.hugepage_env())
 # One persistent compilation cache per test run, made by the first process to load
 # this file (the xdist controller) and inherited by both workers: a program one
 # worker compiled, or one compiled again after `jax.clear_caches()` below, is read

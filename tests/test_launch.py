@@ -125,3 +125,27 @@ def test_a_bad_launch_is_a_one_line_error(tmp_path):
   lines = [l for l in out.stderr.splitlines() if "bad launch" in l]
   assert lines and "R1JAX_PROCESS_ID=5 is outside 0..1 (R1JAX_NUM_PROCESSES=2)" in lines[0]
   assert "Traceback" not in out.stderr
+
+
+def test_hugepage_tunable_reaches_entry_points_and_children():
+  """glibc's huge-page tunable (r1jax/__init__.py): added once, kept when set,
+  dropped by R1JAX_HUGEPAGES=0; an entry point restarts itself with it; the local
+  launcher hands it to its processes."""
+  import r1jax
+  if not r1jax._thp_usable():
+    pytest.skip("no glibc with transparent huge pages here")
+  base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+  assert r1jax.hugepage_env(base)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  assert (r1jax.hugepage_env({**base, "GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
+          ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  kept = r1jax.hugepage_env({**base, "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"})
+  assert kept["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+  assert "GLIBC_TUNABLES" not in r1jax.hugepage_env({**base, "R1JAX_HUGEPAGES": "0"})
+  code = ("import os, sys, r1jax; print(sys.argv[1:], flush=True); "
+          "r1jax.reexec_with_hugepages(); print(os.environ.get('GLIBC_TUNABLES'))")
+  out = subprocess.run([sys.executable, "-c", code, "a b"], env=base, capture_output=True,
+                       text=True, check=True).stdout.splitlines()
+  # Printed once before the restart, then again with the tunable and the same argv.
+  assert out == ["['a b']", "['a b']", "glibc.malloc.hugetlb=1"]
+  env = _load("local").process_env(base, port=1, n=2, i=0, devices=4)
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"

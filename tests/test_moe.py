@@ -253,8 +253,14 @@ def test_layer_path_equals_dense_reference(layer_case, impl):
 
 def test_auto_rule():
   cfg = ModelConfig.tiny(n_routed_experts=16, n_activated_experts=4, d_model=512, moe_d_ff=256)
-  assert moe_impl(cfg, 4, "cpu") == "gather"  # decode: 16 choices ≤ 16 experts
-  assert moe_impl(cfg, 4, "gpu") == "gather"
+  assert moe_impl(cfg, 4, "gpu") == "gather"  # decode: 16 choices ≤ 16 experts
+  # XLA:CPU: gather while 2·N·K ≤ E ≥ 32, all experts while N·E ≤ 512, else sorted.
+  assert moe_impl(cfg, 1, "cpu") == "dense"
+  assert moe_impl(cfg, 4, "cpu", n_experts=64) == "gather"
+  assert moe_impl(cfg, 16, "cpu", n_experts=64) == "sorted"
+  assert moe_impl(cfg, 4, "cpu") == "dense"
+  assert moe_impl(cfg, 32, "cpu") == "dense"
+  assert moe_impl(cfg, 33, "cpu") == "sorted"
   assert moe_impl(cfg, 2048, "cpu") == "sorted"
   assert moe_impl(cfg, 2048, "accelerator") == "ragged_dot"
   # Expert parallelism: 2 local experts, one choice per received row.

@@ -69,8 +69,8 @@ class ModelConfig:
   seq_aux_loss_alpha: float = 0.0001
   # MoE execution (results do not depend on these). grouped_matmul is the
   # routed-expert path: "gather" (per-token weights; decode), "dense" (all
-  # experts, no dispatch), "sorted" (XLA:CPU scan over blocks of ≤
-  # gmm_block_size rows), "blocked" (same blocks, batched over weight copies),
+  # experts, no dispatch), "sorted" (XLA:CPU loops over each expert's blocks of
+  # ≤ gmm_block_size rows), "blocked" (same blocks, batched over weight copies),
   # "ragged_dot" (GPU/TPU); "auto" = moe.moe_impl by token count and backend.
   # Expert parallelism runs when an ambient mesh (`jax.set_mesh`) has an
   # expert axis > 1; ep_exchange: "all_to_all" (fixed

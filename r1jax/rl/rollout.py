@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r1jax.model import LatentCache, ModelConfig, Transformer
+from r1jax.model.transformer import stack_unroll
 from r1jax.parallel.mesh import BATCH, batch_sharding
 
 # (state, tokens_BxT, positions_BxT, start, valid_BxS) -> (logits_BxTxV, state)
@@ -213,12 +214,36 @@ def model_decode_fn(cfg: ModelConfig, params) -> DecodeFn:
   It returns the last token's logits only ([B,1,V]): the prefill needs no more,
   and the head over every prompt slot would be [B,P,V] float32 for nothing."""
   model = Transformer(cfg)
+  unstacked = _unstack_unrolled(cfg, params)
 
   def decode(cache, tokens_BxT, positions_BxT, start, valid_BxS):
-    return model.apply({"params": params}, tokens_BxT, positions_BxT, cache, start, valid_BxS,
-                       method="decode", last_only=True)
+    return model.apply({"params": _restack(params, unstacked)}, tokens_BxT, positions_BxT,
+                       cache, start, valid_BxS, method="decode", last_only=True)
 
   return decode
+
+
+def _unstack_unrolled(cfg: ModelConfig, params) -> dict:
+  """Each unrolled layer stack's parameters as per-layer arrays, sliced here, once.
+
+  An unrolled stack (XLA:CPU, ≤ 8 layers: `transformer.stack_unroll`) slices
+  every layer's weights out of the stacked [L, ...] arrays; inside the decode
+  loop that was a copy of every layer weight per token (bench.peer generate:
+  ~80 of ~550 ms). Sliced before the loop and stacked again inside it, XLA
+  folds each slice of the stack to the array it came from: no copy. A rolled
+  stack (a scan: dynamic slices) keeps its stacked arrays."""
+  out = {}
+  for name, length in (("dense_layers", cfg.n_dense_layers), ("moe_layers", cfg.n_moe_layers)):
+    if name in params and stack_unroll(cfg, length) >= length:
+      out[name] = jax.tree.map(lambda a: [a[i] for i in range(a.shape[0])], params[name])
+  return out
+
+
+def _restack(params, unstacked: dict):
+  if not unstacked:
+    return params
+  stack = lambda tree: jax.tree.map(jnp.stack, tree, is_leaf=lambda x: isinstance(x, list))  # noqa: E731
+  return {**params, **{name: stack(tree) for name, tree in unstacked.items()}}
 
 
 def init_cache(cfg: ModelConfig, batch: int, slots: int, mesh: Mesh | None = None) -> LatentCache:

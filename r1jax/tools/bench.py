@@ -495,4 +495,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+  import r1jax
+  r1jax.reexec_with_hugepages()
   main()

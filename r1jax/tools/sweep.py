@@ -305,4 +305,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  import r1jax
+  r1jax.reexec_with_hugepages()
   app.run(main)
