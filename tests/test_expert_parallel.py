@@ -155,6 +155,15 @@ def test_moe_layer_matches_single_device(layer_case, shape):
   _assert_trees_close(_on_mesh(shape, CFG, layer_case), layer_case[-1], 1e-5)
 
 
+@pytest.mark.parametrize("shape", [(2, 1, 2, 2), (1, 2, 4, 1)])
+def test_sorted_path_matches_single_device(layer_case, shape):
+  """XLA:CPU's "sorted" experts (a hand-written backward) on each device's local
+  experts: the weight gradients are summed over data/fsdp and the row gradients
+  over tensor as autodiff would, so every number equals the no-mesh run's."""
+  _assert_trees_close(_on_mesh(shape, CFG.replace(grouped_matmul="sorted"), layer_case),
+                      layer_case[-1], 1e-5)
+
+
 # cf 0: worst-case receive buffer; cf 1.5: a smaller one with the fallback compiled in.
 @pytest.mark.parametrize("shape,capacity_factor", [((1, 1, 8, 1), 0.0), ((1, 2, 4, 1), 1.5)])
 def test_ragged_path_matches_single_device(layer_case, monkeypatch, shape, capacity_factor):

@@ -355,6 +355,32 @@ def sorted_swiglu(w: tuple, x_PxD, gate_P, lay: Layout):
   return _sorted_swiglu(lay.block, w_in_ExDx2F, wo, x_PxD, gate_P, start_E, end_E)
 
 
+def _varying(a) -> set:
+  """The manual mesh axes (inside shard_map) that `a` varies over."""
+  return set(getattr(getattr(jax.typeof(a), "manual_axis_type", None), "varying", ()) or ())
+
+
+def _summed_to(ct, primal):
+  """A cotangent summed over the manual axes it varies over and its primal does not
+  (what autodiff does for an input broadcast to those axes: the expert-parallel
+  weights over data, the rows over tensor)."""
+  extra = tuple(sorted(_varying(ct) - _varying(primal)))
+  return jax.lax.psum(ct, extra) if extra else ct
+
+
+def _varying_like(inits, *refs):
+  """`inits` marked as varying over every manual mesh axis any of `refs` varies
+  over: inside shard_map (expert parallelism) a loop's carry must start with the
+  variance its body gives it, and fresh zeros vary over nothing."""
+  axes = set().union(*map(_varying, refs))
+
+  def cast(a):
+    missing = tuple(sorted(axes - _varying(a)))
+    return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+  return jax.tree.map(cast, inits)
+
+
 def _sorted_fwd_loops(b, w_in_ExDx2F, wo_ExFxD, x_PxD, gate_P, start_E, end_E):
   E, D, F2 = w_in_ExDx2F.shape
   F, P, dt = F2 // 2, x_PxD.shape[0], x_PxD.dtype
@@ -374,7 +400,8 @@ def _sorted_fwd_loops(b, w_in_ExDx2F, wo_ExFxD, x_PxD, gate_P, start_E, end_E):
 
     return jax.lax.fori_loop(start_E[e], end_E[e], block, carry)
 
-  init = (jnp.zeros((P, D), dt), jnp.zeros((P, F2), dt))
+  init = _varying_like((jnp.zeros((P, D), dt), jnp.zeros((P, F2), dt)),
+                       w_in_ExDx2F, wo_ExFxD, x_PxD, gate_P, start_E, end_E)
   return jax.lax.fori_loop(0, E, expert, init)
 
 
@@ -420,16 +447,21 @@ def _sorted_swiglu_bwd(b, res, dy_PxD):
       dg_P = jax.lax.dynamic_update_slice_in_dim(dg_P, dg_b, q * b, 0)
       return dx_PxD, dg_P, dwi_Dx2F, dwo_FxD
 
-    init = (dx_PxD, dg_P, jnp.zeros((D, F2), jnp.float32), jnp.zeros((F, D), jnp.float32))
+    acc = _varying_like((jnp.zeros((D, F2), jnp.float32), jnp.zeros((F, D), jnp.float32)),
+                        *refs)
+    init = (dx_PxD, dg_P, *acc)
     dx_PxD, dg_P, dwi_Dx2F, dwo_FxD = jax.lax.fori_loop(start_E[e], end_E[e], block, init)
     dw_in = jax.lax.dynamic_update_index_in_dim(dw_in, dwi_Dx2F.astype(dw_in.dtype), e, 0)
     dwo = jax.lax.dynamic_update_index_in_dim(dwo, dwo_FxD.astype(dwo.dtype), e, 0)
     return dx_PxD, dg_P, dw_in, dwo
 
-  init = (jnp.zeros_like(x_PxD), jnp.zeros_like(gate_P), jnp.zeros_like(w_in_ExDx2F),
-          jnp.zeros_like(wo_ExFxD))
+  refs = (w_in_ExDx2F, wo_ExFxD, x_PxD, gate_P, ab_Px2F, dy_PxD, start_E, end_E)
+  init = _varying_like((jnp.zeros_like(x_PxD), jnp.zeros_like(gate_P),
+                        jnp.zeros_like(w_in_ExDx2F), jnp.zeros_like(wo_ExFxD)), *refs)
   dx_PxD, dg_P, dw_in, dwo = jax.lax.fori_loop(0, E, expert, init)
-  return dw_in, dwo, dx_PxD, dg_P, None, None
+  cts = (dw_in, dwo, dx_PxD, dg_P)
+  return (*(_summed_to(ct, p) for ct, p in zip(cts, (w_in_ExDx2F, wo_ExFxD, x_PxD, gate_P))),
+          None, None)
 
 
 _sorted_swiglu.defvjp(_sorted_swiglu_fwd, _sorted_swiglu_bwd)
