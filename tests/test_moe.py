@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from r1jax.model import ModelConfig, moe
-from r1jax.model.moe import (MoE, PATHS, block_layout, dense_reference, dispatch_layout,
-                             dropless_dispatch, expert_load, moe_impl, permute_rows, route,
-                             routed_experts, sequence_balance_loss, take_rows,
-                             update_router_bias)
+from r1jax.model.grouped import (block_layout, dispatch_layout, dropless_dispatch,
+                                 permute_rows, take_rows)
+from r1jax.model.moe import (MoE, PATHS, dense_reference, expert_load, moe_impl, route,
+                             routed_experts, sequence_balance_loss, update_router_bias)
 
 CFG = ModelConfig.tiny(n_routed_experts=8, n_expert_groups=4, n_limited_groups=2,
                        n_activated_experts=2, route_scale=2.5)

@@ -217,17 +217,12 @@ def _joined(q_parts, k_parts, scale):
 
 
 def _reference_joined(q_parts, k_parts, v_BxSxGxV, valid_BxS, scale):
-  """The training form of `_reference` as one score matmul: the parts joined along
-  the head dim (shared keys broadcast to every head), the scale applied to q.
-  Joining copies the keys, which the training form has just computed anyway (a
-  decode cache is never joined); on XLA:CPU (bench.peer shapes, fwd+bwd) it
-  measured 43 ms against 65-80 ms for two score matmuls and a scaled sum."""
-  H = q_parts[0].shape[2]
-  dt = q_parts[0].dtype
-  q_BxTxHxE = (jnp.concatenate(q_parts, -1).astype(jnp.float32) * scale).astype(dt)
-  k_BxSxHxE = jnp.concatenate(
-      [jnp.broadcast_to(k, k.shape[:2] + (H, k.shape[3])) for k in k_parts], -1)
-  scores_BxHxTxS = _qk(q_BxTxHxE, k_BxSxHxE, f32=False)
+  """`_reference` at query slots 0..T-1 as one score matmul over `_joined` parts.
+  Joining copies the keys; on XLA:CPU (bench.peer shapes, training form,
+  fwd+bwd) it measured 43 ms against 65-80 ms for two score matmuls and a
+  scaled sum."""
+  q_BxTxHxE, k_BxSxGxE = _joined(q_parts, k_parts, scale)
+  scores_BxHxTxS = _qk(q_BxTxHxE, k_BxSxGxE, f32=False)
   return _softmax_pv(scores_BxHxTxS.astype(jnp.float32), jnp.arange(q_BxTxHxE.shape[1]),
                      valid_BxS, v_BxSxGxV)
 

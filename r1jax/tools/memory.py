@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.model import ModelConfig, abstract_params, cache_bytes_per_token, logical_axes
-from r1jax.model.moe import block_rows, exchange_impl, grouped_impl
+from r1jax.model.grouped import block_rows
+from r1jax.model.moe import exchange_impl, grouped_impl
 from r1jax.parallel import mesh as mesh_lib
 
 # ----------------------------------------------------------------------------
