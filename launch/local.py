@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
           status = rc
           _stop(remaining)  # one failed: the others would wait on it forever
           remaining = []
+          break
   except KeyboardInterrupt:
     _stop([p for p in procs if p.poll() is None])
     status = 130

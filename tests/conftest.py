@@ -5,12 +5,17 @@ import shutil
 import tempfile
 
 # Must happen before JAX is imported anywhere in the test session.
-# The two compiler flags halve XLA:CPU compile time, which dominates a suite of
-# tiny models; they change no result beyond float rounding.
+# Compile time dominates a suite of tiny models. The first two compiler flags
+# halve it; the third (the classic loop emitters instead of the MLIR fusion
+# emitters) halves it again: a tiny SFT step with 4 micro-batches compiles in
+# 2.6 s instead of 5.5 s, runs as fast, and gives the same loss to the last digit.
+# None of them changes a result beyond float rounding. (At full optimisation the
+# fusion emitters win: the bench's train step is 8% slower without them.)
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0"
-                           " --xla_llvm_disable_expensive_passes=true").strip()
+                           " --xla_llvm_disable_expensive_passes=true"
+                           " --xla_cpu_use_fusion_emitters=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # glibc's huge-page tunable (r1jax/__init__.py) for the xdist workers and every
 # subprocess a test starts: this process has started already, its children read it.

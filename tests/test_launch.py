@@ -103,16 +103,20 @@ def test_local_dry_run(capsys):
     assert words[4:] == command
 
 
-def test_local_stops_the_others_when_one_fails():
+@pytest.mark.parametrize("failing", ["0", "1"])
+def test_local_stops_the_others_when_one_fails(failing):
   """A process that takes SIGTERM as a preemption notice (jax.distributed does) is
-  killed after the grace period, and the failure's exit status comes back."""
+  killed after the grace period, and the failure's exit status comes back, whichever
+  process failed (the first one's failure once ended the launcher in a traceback)."""
   script = ("import os, signal, sys, time\n"
-            "if os.environ['R1JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+            f"if os.environ['R1JAX_PROCESS_ID'] == '{failing}': sys.exit(3)\n"
             "signal.signal(signal.SIGTERM, lambda *a: None)\n"
             "time.sleep(120)\n")
   out = subprocess.run([sys.executable, "launch/local.py", "--num_processes=2", "--",
-                        sys.executable, "-c", script], cwd=ROOT, timeout=60)
+                        sys.executable, "-c", script], cwd=ROOT, timeout=60,
+                       capture_output=True, text=True)
   assert out.returncode == 3
+  assert "Traceback" not in out.stderr + out.stdout
 
 
 def test_a_bad_launch_is_a_one_line_error(tmp_path):
