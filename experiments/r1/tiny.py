@@ -3,8 +3,11 @@
   pretrain → cold-start SFT (R1-chat template, readable worked solutions)
   → reasoning GRPO (accuracy + format + language consistency)
   → rejection sampling (correct, single-language, non-repetitive samples)
-  → SFT of the base model on them → alignment GRPO (lower temperature, R1 §2.3.4)
-  → eval (R1's benchmark settings in its chat template: pass@1 and cons@8).
+  → SFT of the base model on them → alignment GRPO (lower temperature, R1 §2.3.4),
+with an eval stage (R1's benchmark settings in its chat template: pass@1 and
+cons@8) after cold start, reasoning RL, the SFT and alignment RL, so that each
+stage's contribution can be read off (experiments/ablations/r1_stages.py runs it
+with seeds).
 
   python -m r1jax.main --config=experiments/r1/tiny.py --workdir=/tmp/r1jax_r1
 """
@@ -19,8 +22,10 @@ def get_config(arg: str | None = None):
     template = "r1_chat"
     rl = dict(template=template, eval_prompts=128, eval_samples=2, eval_temperature=0.6,
               grpo=dict(max_prompt_len=48, max_new_tokens=64))
-    c.pipeline = ("pretrain", "cold_start", "reasoning_rl", "rejection", "sft", "alignment_rl",
-                  "eval")
+    # An eval stage after each of R1's stages (R1's benchmark settings: 64 held-out
+    # prompts × 8 samples at T 0.6), so that what each stage adds can be read off.
+    c.pipeline = ("pretrain", "cold_start", "eval_cold_start", "reasoning_rl",
+                  "eval_reasoning_rl", "rejection", "sft", "eval_sft", "alignment_rl", "eval")
     c.stages.cold_start = configs.sft_stage(
         init="stage:pretrain", data="task", template=template, steps=60, batch_size=32,
         seq_len=128, eval_template=template, eval_max_prompt_len=48,
@@ -52,6 +57,8 @@ def get_config(arg: str | None = None):
                                            temperature=0.7, ref_reset_every=0))
     c.stages.alignment_rl.optim.update(dict(learning_rate=1e-4, warmup_steps=1,
                                             total_steps=20, weight_decay=0.0))
+    for stage in ("cold_start", "reasoning_rl", "sft"):
+      c.stages[f"eval_{stage}"] = zero.eval_stage(f"stage:{stage}", template)
     c.stages.eval = zero.eval_stage("stage:alignment_rl", template)
     if arg == "smoke":
       zero.shrink(c)

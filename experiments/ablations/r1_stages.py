@@ -1,0 +1,25 @@
+"""R1's stages, each measured: experiments/r1/tiny.py as a one-arm sweep, for seeds.
+
+r1/tiny.py evaluates after every stage (64 held-out prompts and 64 of the
+MATH-500-layout file, 8 samples each at T 0.6): after cold start, after
+reasoning RL, after the SFT of the base on rejection samples, and at the end,
+after alignment RL. With `--seeds=3` the sweep gives each stage's numbers as
+mean ± std over seeds (sweep.json, `r1/seed<k>/<stage>/eval.json`), which is the
+README's per-stage table. There is one arm: the comparison is between stages.
+
+  python -m r1jax.tools.sweep --ablation=experiments/ablations/r1_stages.py \
+      --workdir=/tmp/abl --seeds=3 --reuse_from=/tmp/r1jax
+(`--reuse_from` the main job copies the shared pretraining of seed 0.)
+"""
+
+from r1jax import configs
+
+VARIANTS = ("r1",)
+
+
+def _apply(c, variant):
+  del c, variant  # r1/tiny.py as it is
+
+
+def get_config(arg: str | None = None):
+  return configs.ablation(arg, VARIANTS, _apply, base="r1/tiny.py")
