@@ -108,10 +108,13 @@ def pretrain_stage(**kw) -> ml_collections.ConfigDict:
   model has seen such formats); wrong_answer_rate of them end in a wrong answer;
   direct_answer_rate of the template documents give the answer without the worked
   steps (the plain ones always work them out), so the base model knows how to
-  reason but, in the R1-Zero template, often answers at once.
+  reason but, in the R1-Zero template, often answers at once. mixed_language_rate
+  of the non-English documents drift into English partway through their solution
+  (arithmetic task only), so the base model mixes languages as R1-Zero did.
   """
   keys = _stage_keys("pretrain", init="", model=ml_collections.ConfigDict(),
-              r1_zero_fraction=0.3, wrong_answer_rate=0.0, direct_answer_rate=0.0)
+              r1_zero_fraction=0.3, wrong_answer_rate=0.0, direct_answer_rate=0.0,
+              mixed_language_rate=0.0)
   keys.update(_train_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
 
@@ -246,9 +249,14 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
       raise ValueError(f"tokenizer_path={sc.tokenizer_path!r}, but init={init!r} was trained "
                        f"with {inherited or 'the run tokenizer'!r}; a model's token ids mean "
                        "one tokenizer's pieces")
-  for key in ("r1_zero_fraction", "wrong_answer_rate", "direct_answer_rate"):
+  for key in ("r1_zero_fraction", "wrong_answer_rate", "direct_answer_rate",
+              "mixed_language_rate"):
     if key in sc and not 0.0 <= sc[key] <= 1.0:
       raise ValueError(f"{key}={sc[key]} is not a fraction in [0, 1]")
+  if sc.get("mixed_language_rate") and c.data.task != "arithmetic":
+    raise ValueError(f"mixed_language_rate={sc.mixed_language_rate}: only the arithmetic "
+                     f"task's worked solutions can drift between languages, and "
+                     f"data.task={c.data.task!r}")
   if sc.kind == "grpo":
     from r1jax.rewards import RewardSpec
     from r1jax.rl.step import GRPOConfig

@@ -35,6 +35,12 @@ def _main(*args: str, workdir: str) -> tuple[int, list[str]]:
     ((TINY, "--config.stages.grpo.grpo.ref_reset_every=5"), "ref_reset_every=5 counts updates"),
     ((TINY, "--config.stages.grpo.grpo.rollout_slice=4"),
      "grpo.rollout_slice=4 is not a multiple of the 8 data-parallel devices"),
+    ((TINY, "--config.stages.pretrain.mixed_language_rate=1.5"),
+     "mixed_language_rate=1.5 is not a fraction in [0, 1]"),
+    (("--config=experiments/r1_zero/countdown_tiny.py",
+      "--config.stages.pretrain.mixed_language_rate=0.5"),
+     "only the arithmetic task's worked solutions can drift between languages, and "
+     "data.task='countdown'"),
 ])
 def test_a_config_mistake_is_one_line(tmp_path, args, expected):
   rc, lines = _main(*args, workdir=str(tmp_path))

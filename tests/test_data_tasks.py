@@ -70,6 +70,33 @@ def test_arithmetic_answers_are_exact_integers_of_their_expression():
     assert value == int(e["answer"])
 
 
+def test_drifting_solution_switches_to_english_once_and_stays_correct():
+  from r1jax.pipeline.context import pretrain_document
+  from r1jax.rewards.language import language
+  rng = random.Random(1)
+  scores = []
+  for _ in range(200):
+    e = arithmetic.make_example(rng, rng.randint(1, 4), "zh")
+    drifted = arithmetic.drifting_cot(e, rng)
+    sentences = [x for x in re.split(r"(?<=[。.]) ", drifted)]
+    chinese = [bool(_HAN.search(x)) for x in sentences]
+    # Chinese first, then English to the end: one switch, after at least one sentence.
+    assert chinese[0] and not chinese[-1] and chinese == sorted(chinese, reverse=True), drifted
+    assert drifted.endswith(f"So the answer is {e['answer']}.")
+    # The same steps and numbers, only the words around them change.
+    assert re.findall(r"-?\d+", drifted) == re.findall(r"-?\d+", e["cot"])
+    scores.append(language(f"<think> {drifted} </think>", e))
+  assert 0.2 < min(scores) and max(scores) < 1.0
+  english = arithmetic.make_example(rng, 3, "en")
+  assert arithmetic.drifting_cot(english, rng) == english["cot"]
+  # In pre-training documents: that share of the Chinese ones drift, none of the English.
+  docs = [pretrain_document(arithmetic.make_example(rng, 3, lang), "plain", rng,
+                            mixed_language_rate=0.5) for lang in ["zh"] * 400 + ["en"] * 50]
+  drifted_share = sum("So the answer" in d for d in docs[:400]) / 400
+  assert 0.42 < drifted_share < 0.58
+  assert all("Then," in d for d in docs[400:])
+
+
 # ----------------------------------------------------------------- countdown
 
 

@@ -81,6 +81,19 @@ def test_summarise_reads_sample_records():
   assert m["pass@1"] == 0.5 and m["cons@2"] == 0.5 and m["pass@2"] == 0.5
   assert m["response_len"] == pytest.approx(39.5) and m["truncated"] == 0.5
   assert m["answered"] == 0.75 and m["reflective_words"] == 1.0
+  assert m["mixed"] == 0.0 and "mixed/en" not in m  # one prompt language: no split
+
+
+def test_summarise_splits_language_mixing_by_prompt_language():
+  # Two Chinese prompts (one sample drifts into English: consistency 0.6) and one
+  # English prompt (all English), two samples each.
+  rows = [("zh", 1.0), ("zh", 0.6), ("zh", 1.0), ("zh", 1.0), ("en", 1.0), ("en", 1.0)]
+  records = [dict(extracted="1", correct=True, tokens=5, finished=True, format=1.0,
+                  language=score, prompt_language=lang, reflective=0) for lang, score in rows]
+  m = eval_lib.summarise(records, k=2)
+  assert m["mixed"] == pytest.approx(1 / 6) and m["language"] == pytest.approx(5.6 / 6)
+  assert m["mixed/zh"] == pytest.approx(1 / 4) and m["language/zh"] == pytest.approx(0.9)
+  assert m["mixed/en"] == 0.0 and m["language/en"] == 1.0
 
 
 def test_extracted_answer_is_the_one_final_answer():

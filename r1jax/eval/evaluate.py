@@ -69,7 +69,7 @@ def run(ctx: Context, cfg, params, benchmarks: Sequence[tuple[str, list[dict]]],
         "completion": completion, "extracted": extracted_answer(completion),
         "correct": bool(per["accuracy"][i] >= 1.0), "tokens": len(gens.tokens[i]),
         "finished": bool(gens.finished[i]), "format": float(per["format"][i]),
-        "language": float(per["language"][i]),
+        "language": float(per["language"][i]), "prompt_language": e.get("language", "en"),
         "reflective": text_lib.reflective_words(completion)})
   results = {}
   for name, exs in benchmarks:
@@ -98,6 +98,22 @@ def summarise(records: list[dict], k: int, pass_ks: Sequence[int] = (),
               "format": mean("format"), "truncated": 1.0 - mean("finished"),
               "language": mean("language"), "reflective_words": mean("reflective"),
               "answered": float(np.mean([r["extracted"] is not None for r in records]))})
+  out.update(_language_mixing(records))
+  return out
+
+
+def _language_mixing(records: list[dict]) -> dict:
+  """"mixed": the share of samples whose reasoning is not all in the prompt's language
+  (consistency < 1); with prompts in several languages, also each language's
+  consistency and mixed share ("language/zh", "mixed/zh")."""
+  consistency = np.array([r["language"] for r in records])
+  out = {"mixed": float(np.mean(consistency < 1.0))}
+  langs = [r.get("prompt_language", "en") for r in records]
+  if len(set(langs)) > 1:
+    for lang in sorted(set(langs)):
+      mine = consistency[[x == lang for x in langs]]
+      out[f"language/{lang}"] = float(mine.mean())
+      out[f"mixed/{lang}"] = float(np.mean(mine < 1.0))
   return out
 
 
@@ -112,5 +128,5 @@ def log_table(ctx: Context, results: dict) -> None:
   for name, m in results.items():
     k = m["k"]
     ctx.log(f"  {name}: pass@1 {m['pass@1']:.3f}  cons@{k} {m[f'cons@{k}']:.3f}  "
-            f"format {m['format']:.3f}  truncated {m['truncated']:.3f}  "
+            f"format {m['format']:.3f}  truncated {m['truncated']:.3f}  mixed {m['mixed']:.3f}  "
             f"length {m['response_len']:.1f}  ({m['n_prompts']} prompts × {k})")

@@ -22,6 +22,7 @@ from r1jax import configs, storage
 from r1jax.data import chat as chat_lib
 from r1jax.data import chat_template
 from r1jax.data import tasks
+from r1jax.data.tasks import arithmetic
 from r1jax.data import tokenizer as tokenizer_lib
 from r1jax.model import ModelConfig, abstract_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
@@ -184,12 +185,15 @@ def toy_corpus(examples: list[dict], chat_paths: Sequence[str] = ()) -> list[str
 
 
 def pretrain_document(example: dict, style: str, rng: random.Random | None = None,
-                      wrong_answer_rate: float = 0.0, direct_answer_rate: float = 0.0) -> str:
+                      wrong_answer_rate: float = 0.0, direct_answer_rate: float = 0.0,
+                      mixed_language_rate: float = 0.0) -> str:
   """A problem with its solution as plain text, the way a web corpus would hold it.
 
   style "plain": "Question: … Solution: … The answer is X."; "r1_zero": the R1-Zero
   template filled in. With `wrong_answer_rate`, that share of documents ends in a
-  wrong final answer (web text has mistakes). With `direct_answer_rate`, that
+  wrong final answer (web text has mistakes). With `mixed_language_rate`, that share
+  of the documents not in English drift into English partway through their
+  solution (arithmetic.drifting_cot). With `direct_answer_rate`, that
   share states the answer without working it out (the reasoning is one fixed
   sentence), as much of the web does: a base model trained on both kinds
   sometimes reasons and sometimes blurts out an answer, and the blurted answers
@@ -197,6 +201,9 @@ def pretrain_document(example: dict, style: str, rng: random.Random | None = Non
   """
   answer = example["answer"]
   cot = example.get("cot", "")  # a prompt-only example has none: it is stated directly
+  if (rng is not None and mixed_language_rate and "steps" in example and
+      example.get("language", "en") != "en" and rng.random() < mixed_language_rate):
+    cot = arithmetic.drifting_cot(example, rng)
   if rng is not None and wrong_answer_rate and rng.random() < wrong_answer_rate:
     wrong = _perturb(answer, rng)
     head, found, tail = cot.rpartition(answer)  # the final statement of the answer

@@ -132,7 +132,8 @@ def pretrain(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
       template = rng.random() < sc.r1_zero_fraction
       docs.append(pretrain_document(e, "r1_zero" if template else "plain", rng,
                                     sc.wrong_answer_rate,
-                                    sc.direct_answer_rate if template else 0.0))
+                                    sc.direct_answer_rate if template else 0.0,
+                                    sc.mixed_language_rate))
     return pack_documents(ctx.tok, docs, sc.seq_len)
 
   cfg, params = _init(ctx, sc, inputs, fresh=configs.stage_model(ctx.c, name))

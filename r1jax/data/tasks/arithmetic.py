@@ -45,11 +45,33 @@ def make_example(rng: random.Random, n_steps: int, language: str, *, max_operand
     steps.append(f"{value} {_SHOW[op]} {operand} = {new}")
     expr = f"({expr} {_SHOW[op]} {operand})" if i < n_steps - 1 else f"{expr} {_SHOW[op]} {operand}"
     value = new
-  cot = " ".join([words["first"].format(step=steps[0])] +
-                 [words["then"].format(step=s) for s in steps[1:]] +
-                 [words["final"].format(ans=value)])
-  return {"question": words["ask"].format(expr=expr), "answer": str(value), "cot": cot,
-          "language": language, "match": "exact", "expression": expr}
+  return {"question": words["ask"].format(expr=expr), "answer": str(value),
+          "cot": render_cot(steps, str(value), [language] * (len(steps) + 1)),
+          "language": language, "match": "exact", "expression": expr, "steps": steps}
+
+
+def render_cot(steps: list[str], answer: str, languages: list[str]) -> str:
+  """The worked solution, sentence i (each step, then the answer) in languages[i]."""
+  if len(languages) != len(steps) + 1:
+    raise ValueError(f"need {len(steps) + 1} sentence languages, got {len(languages)}")
+  kinds = ["first"] + ["then"] * (len(steps) - 1)
+  sentences = [_WORDS[lang][kind].format(step=step)
+               for lang, kind, step in zip(languages, kinds, steps)]
+  return " ".join(sentences + [_WORDS[languages[-1]]["final"].format(ans=answer)])
+
+
+def drifting_cot(example: dict, rng: random.Random, into: str = "en") -> str:
+  """The example's solution starting in its own language and switching to `into` from
+  a random later sentence on: the language mixing R1-Zero showed (R1 §2.3.2), for
+  pre-training documents of a base model that mixes. Needs `steps` (arithmetic
+  examples carry them); a one-step solution switches for its last sentence; an
+  example already in `into` comes back unchanged."""
+  steps, own = example["steps"], example["language"]
+  if own == into:
+    return example["cot"]
+  switch = rng.randint(1, len(steps))  # sentence index of the first one in `into`
+  languages = [own] * switch + [into] * (len(steps) + 1 - switch)
+  return render_cot(steps, example["answer"], languages)
 
 
 def sample(rng: random.Random, *, min_steps: int = 1, max_steps: int = 3,
