@@ -196,7 +196,8 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
 def eval_stage(**kw) -> ml_collections.ConfigDict:
   """Evaluates `init`'s weights ("stage:<name>" or "hf:<dir>") on `benchmarks`:
   `samples` (k) completions per prompt, pass@1, cons@k, pass@k for each k of
-  `pass_ks` up to k, format, truncation and language rates (r1jax/eval).
+  `pass_ks` up to k, format, truncation, language-consistency and mixing rates
+  (r1jax/eval).
 
   benchmarks: ((name, source[, layout]), ...); source "task:held_out" is the run's
   held-out split, anything else a math JSONL file whose layout ("auto", "math500",

@@ -79,6 +79,7 @@ def _check_eval_stage(workdir: str, stage: str, out: dict, sc) -> None:
     assert m["pass@1"] == pytest.approx(np.mean([r["correct"] for r in rows]))
     assert m["response_len"] == pytest.approx(np.mean([r["tokens"] for r in rows]))
     assert m["truncated"] == pytest.approx(1 - np.mean([r["finished"] for r in rows]))
+    assert m["mixed"] == pytest.approx(np.mean([r["language"] < 1 for r in rows]))
     for r in rows:
       assert set(r) >= {"completion", "extracted", "correct", "tokens"}
       assert r["correct"] <= (r["extracted"] is not None)  # a right sample has an answer
