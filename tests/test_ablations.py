@@ -106,6 +106,23 @@ def test_seeds_give_mean_std_and_flag_differences_beyond_two_standard_errors():
   assert "0.550 ± 0.150 |" in text
 
 
+def test_an_ablation_names_its_own_metrics_to_compare():
+  runs = _runs({"ref": [0.5, 0.5, 0.5], "on": [0.5, 0.5, 0.5]})
+  for arm, mixed in (("ref", [0.9, 0.1, 0.5]), ("on", [0.0, 0.0, 0.0])):
+    for s, v in enumerate(mixed):
+      runs[arm][s]["eval"] = {"held_out/mixed/zh": v, "held_out/pass@1": 0.5}
+  out = sweep.summary("abl.py", runs, metrics=("held_out/mixed/zh",))
+  assert out["columns"][-2:] == ["held_out/mixed/zh", "wall_s"]
+  d = {(e["stage"], e["metric"]): e for e in out["differences"]}[("eval", "held_out/mixed/zh")]
+  assert d["diff"] == pytest.approx(-0.5) and d["se"] == pytest.approx(0.4 / 3 ** 0.5)
+  assert d["exceeds_2se"]  # 0.5 > 2 × 0.231
+  assert "| on | eval |" in sweep.table(out) and "0.000 ± 0.000 †" in sweep.table(out)
+  # Without METRICS the number is neither compared nor shown.
+  plain = sweep.summary("abl.py", runs)
+  assert "held_out/mixed/zh" not in plain["columns"]
+  assert all(e["metric"] != "held_out/mixed/zh" for e in plain["differences"])
+
+
 def test_sweep_submit_dry_run_prints_one_launch_per_arm(tmp_path):
   out = subprocess.run(
       [sys.executable, "-m", "r1jax.tools.sweep", "--ablation=experiments/ablations/clip_higher.py",

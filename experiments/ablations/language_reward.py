@@ -20,6 +20,8 @@ reasoning is not all Chinese), `language/zh` and pass@1.
 from r1jax import configs
 
 VARIANTS = ("without", "with")
+# Compared between the arms (with standard errors) besides the sweep's headline numbers.
+METRICS = ("held_out/mixed/zh", "held_out/language/zh")
 ZH_FRACTION = 0.5
 MIXED_LANGUAGE_RATE = 0.5
 

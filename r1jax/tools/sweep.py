@@ -6,7 +6,8 @@
       --workdir=gs://bucket/abl --submit=tpu_pod [--dry_run] -- --tpu=... --zone=...
 
 An ablation file holds `VARIANTS` (arm names, the reference arm first) and a
-`get_config("<arm>[,smoke]")`. Arm `a` runs in `<workdir>/<ablation>/<a>`.
+`get_config("<arm>[,smoke]")`, and may name extra numbers to compare in
+`METRICS` (e.g. "held_out/mixed/zh" of its eval stages). Arm `a` runs in `<workdir>/<ablation>/<a>`.
 Locally, a stage whose settings (and everything upstream of it: seed, data,
 model, mesh) equal those of an arm that already finished it is copied from that
 arm instead of being trained again, so the GRPO ablations pretrain their base
@@ -211,13 +212,17 @@ def differences(stats: dict, reference: str, columns=None) -> list[dict]:
   return rows
 
 
-def summary(path: str, runs: dict) -> dict:
+def summary(path: str, runs: dict, metrics: tuple[str, ...] = ()) -> dict:
   """What sweep.json holds: per arm the mean of each number (the arm's own numbers
   with one seed), their std and count, every seed's numbers and workdir, and the
-  differences from the reference arm (the first)."""
+  differences from the reference arm (the first) in the headline numbers and the
+  ablation's own `metrics` (its METRICS, e.g. "held_out/mixed/zh"), which are also
+  the printed table's columns."""
   stats = statistics(runs)
   arms = list(runs)
+  columns = COLUMNS[:-1] + tuple(m for m in metrics if m not in COLUMNS) + COLUMNS[-1:]
   return {"ablation": path, "seeds": sorted({s for r in runs.values() for s in r}),
+          "columns": list(columns),
           "arms": {a: {st: {k: m["mean"] for k, m in ms.items()} for st, ms in stats[a].items()}
                    for a in arms},
           "std": {a: {st: {k: m["std"] for k, m in ms.items()} for st, ms in stats[a].items()}
@@ -227,7 +232,7 @@ def summary(path: str, runs: dict) -> dict:
           # each run's workdir, relative to the sweep root (arm_dir's layout)
           "dirs": {a: {str(s): os.path.relpath(arm_dir("", a, s, len(runs[a])))
                        for s in runs[a]} for a in arms},
-          "differences": differences(stats, arms[0])}
+          "differences": differences(stats, arms[0], columns)}
 
 
 def table(sweep_json: dict) -> str:
@@ -236,13 +241,14 @@ def table(sweep_json: dict) -> str:
   reference arm beyond 2 standard errors."""
   marked = {(d["arm"], d["stage"], d["metric"]) for d in sweep_json["differences"]
             if d["exceeds_2se"]}
-  lines = ["| arm | stage | " + " | ".join(COLUMNS) + " |",
-           "|---|---|" + "---|" * len(COLUMNS)]
+  columns = sweep_json.get("columns", COLUMNS)
+  lines = ["| arm | stage | " + " | ".join(columns) + " |",
+           "|---|---|" + "---|" * len(columns)]
   for arm, stages in sweep_json["arms"].items():
     several = sweep_json["n"][arm] > 1
     for name, out in stages.items():
       cells = []
-      for k in COLUMNS:
+      for k in columns:
         if not isinstance(out.get(k), (int, float)):
           cells.append("")
           continue
@@ -298,7 +304,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]} (launcher arguments need --submit)")
   runs = run_local(module, path, variants, root, _SMOKE.value, tuple(_REUSE_FROM.value),
                    _SEEDS.value)
-  out = summary(path, runs)
+  out = summary(path, runs, tuple(getattr(module, "METRICS", ())))
   with open(os.path.join(root, "sweep.json"), "w") as f:
     json.dump(out, f, indent=1, sort_keys=True)
   print(table(out), flush=True)
