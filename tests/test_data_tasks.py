@@ -78,8 +78,7 @@ def test_drifting_solution_switches_to_english_once_and_stays_correct():
   for _ in range(200):
     e = arithmetic.make_example(rng, rng.randint(1, 4), "zh")
     drifted = arithmetic.drifting_cot(e, rng)
-    sentences = [x for x in re.split(r"(?<=[。.]) ", drifted)]
-    chinese = [bool(_HAN.search(x)) for x in sentences]
+    chinese = [bool(_HAN.search(x)) for x in re.split(r"(?<=[。.]) ", drifted)]
     # Chinese first, then English to the end: one switch, after at least one sentence.
     assert chinese[0] and not chinese[-1] and chinese == sorted(chinese, reverse=True), drifted
     assert drifted.endswith(f"So the answer is {e['answer']}.")

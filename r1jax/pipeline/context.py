@@ -22,8 +22,8 @@ from r1jax import configs, storage
 from r1jax.data import chat as chat_lib
 from r1jax.data import chat_template
 from r1jax.data import tasks
-from r1jax.data.tasks import arithmetic
 from r1jax.data import tokenizer as tokenizer_lib
+from r1jax.data.tasks import arithmetic
 from r1jax.model import ModelConfig, abstract_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import multihost
