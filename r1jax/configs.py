@@ -54,6 +54,12 @@ def base() -> ml_collections.ConfigDict:
       task="arithmetic", n_train=4096, n_eval=256, min_steps=1, max_steps=3, zh_fraction=0.25,
       max_operand=20, ops="+-*",
       min_numbers=3, max_numbers=4, max_value=50, max_target=100, max_misses=2,
+      # The non-reasoning "general" slice (r1jax.data.tasks.general; 0 = none): requests
+      # answered at once, drawn beside the task and split the same way, for the stages
+      # that mix it in (sft general_rows, grpo general_prompts) and eval benchmarks on
+      # "task:general". The toy tokenizer does not read them (it spells their words
+      # in smaller pieces), so the base model is the one the task alone gives.
+      general_n_train=0, general_n_eval=0, min_words=3, max_words=5,
       vocab_size=512, tokenizer_path="",
       # task "math_jsonl": real {"question", "answer"} files instead of a generator.
       train_path="", eval_path=""))
@@ -122,19 +128,21 @@ def pretrain_stage(**kw) -> ml_collections.ConfigDict:
 def sft_stage(**kw) -> ml_collections.ConfigDict:
   """SFT with the loss on the response only. data: "task" (worked solutions of the
   training split in `template`), "stage:<name>" (a rejection_sample dataset, plus
-  `extra_task_rows` worked solutions, standing in for R1's non-reasoning data) or
+  `extra_task_rows` worked solutions) or
   "chat:<path>" (a chat JSONL file, one {"messages": [{"role", "content"}, ...]}
   per line, optional system message first, multi-turn; rendered with the
   tokenizer's chat template, loss on the assistant's content and end-of-turn
   token only; the file's last tenth is held out for the loss; see r1jax.data.chat).
-  `template` and `extra_task_rows` do not apply to chat data.
+  `template` and `extra_task_rows` do not apply to chat data. general_rows: how many
+  of the general slice's training requests join the data, answered without reasoning
+  (R1 §2.3.3's non-reasoning SFT data).
 
   model (in pretrain and sft): ModelConfig fields over the experiment's `model`, for a
   stage that trains another architecture (a distillation student's own pretraining);
   {} = the experiment's model. With init="hf:<dir>" they declare the checkpoint's
   architecture for the plan tool; with init="stage:<name>" the model is that stage's."""
   keys = _stage_keys("sft", init="", model=ml_collections.ConfigDict(), data="task",
-              template="r1_zero", extra_task_rows=0)
+              template="r1_zero", extra_task_rows=0, general_rows=0)
   keys.update(_train_keys())
   return ml_collections.ConfigDict(_apply(keys, kw))
 
@@ -180,7 +188,10 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
   measured before and after on `eval_prompts` prompts with `eval_*` sampling
   settings (0 = no in-stage evaluation), and every `eval_every` steps in between
   (0 = never), logged as eval/accuracy (pass@1) and eval/cons@<eval_samples>: the
-  paper's R1-Zero curve of majority voting against pass@1 over training."""
+  paper's R1-Zero curve of majority voting against pass@1 over training.
+  general_prompts: how many of the general slice's training requests join the
+  prompts (R1 §2.3.4's mix of reasoning and general data; reward them with
+  "preference")."""
   from r1jax.rl.step import GRPOConfig  # the RL layer is only needed by RL stages
   keys = _stage_keys("grpo", init="", template="r1_zero",
               rewards=(("accuracy", 1.0), ("format", 0.5)), reward_timeout_s=10.0,
@@ -189,7 +200,7 @@ def grpo_stage(**kw) -> ml_collections.ConfigDict:
               optim=ml_collections.ConfigDict(_fields(OptimConfig())),
               eval_prompts=128, eval_samples=2, eval_every=0, eval_temperature=0.6,
               eval_top_p=0.95,
-              eval_top_k=0)
+              eval_top_k=0, general_prompts=0)
   return ml_collections.ConfigDict(_apply(keys, kw))
 
 
@@ -200,8 +211,9 @@ def eval_stage(**kw) -> ml_collections.ConfigDict:
   (r1jax/eval).
 
   benchmarks: ((name, source[, layout]), ...); source "task:held_out" is the run's
-  held-out split, anything else a math JSONL file whose layout ("auto", "math500",
-  "aime", "gsm8k") says where its gold answer is. max_prompts caps each benchmark
+  held-out split, "task:general" the general slice's held-out requests, anything
+  else a math JSONL file whose layout ("auto", "math500", "aime", "gsm8k") says
+  where its gold answer is. max_prompts caps each benchmark
   (0 = all). The sampling defaults are R1's evaluation settings (T 0.6, top-p 0.95,
   the R1 chat template); batch_rows caps the sampler's batch."""
   keys = _stage_keys("eval", init="", benchmarks=(("held_out", "task:held_out"),),
@@ -254,6 +266,11 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
               "mixed_language_rate"):
     if key in sc and not 0.0 <= sc[key] <= 1.0:
       raise ValueError(f"{key}={sc[key]} is not a fraction in [0, 1]")
+  for key in ("general_rows", "general_prompts"):
+    if sc.get(key, 0) and not 0 <= sc[key] <= c.data.general_n_train:
+      n = c.data.general_n_train
+      raise ValueError(f"{key}={sc[key]}: the general slice has data.general_n_train={n} "
+                       f"training requests; use 0..{n}")
   if sc.get("mixed_language_rate") and c.data.task != "arithmetic":
     raise ValueError(f"mixed_language_rate={sc.mixed_language_rate}: only the arithmetic "
                      f"task's worked solutions can drift between languages, and "
@@ -275,7 +292,10 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
     SamplingConfig(sc.eval_temperature, sc.eval_top_p, sc.eval_top_k)
   if sc.kind == "eval":
     from r1jax.eval import benchmarks
-    benchmarks.parse(sc.benchmarks)
+    if (any(b.source == benchmarks.GENERAL for b in benchmarks.parse(sc.benchmarks))
+        and not c.data.general_n_eval):
+      raise ValueError(f"benchmarks: {benchmarks.GENERAL!r} needs the general slice; set "
+                       "data.general_n_eval > 0")
     SamplingConfig(sc.temperature, sc.top_p, sc.top_k)
     if not sc.init:
       raise ValueError("init='': an eval stage needs weights ('stage:<name>' or 'hf:<dir>')")

@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from r1jax.data import tasks
-from r1jax.data.tasks import arithmetic, countdown
+from r1jax.data.tasks import arithmetic, countdown, general
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 _HAN = re.compile("[\u4e00-\u9fff]")
@@ -19,7 +19,7 @@ _HAN = re.compile("[\u4e00-\u9fff]")
 
 
 def test_unknown_task_and_option_are_clear_errors():
-  with pytest.raises(ValueError, match=r"unknown task 'gsm9k'.*\['arithmetic', 'countdown'\]"):
+  with pytest.raises(ValueError, match=r"unknown task 'gsm9k'.*\['arithmetic', 'countdown', 'general'\]"):
     tasks.make_splits("gsm9k", n_train=1, n_eval=1, seed=0)
   with pytest.raises(ValueError, match=r"unknown options \['max_steps'\].*min_numbers"):
     tasks.make_splits("countdown", n_train=1, n_eval=1, seed=0, max_steps=3)
@@ -54,7 +54,10 @@ def test_examples_carry_the_reward_fields_in_two_languages(name):
   for e in train:
     assert {"question", "answer", "cot", "language", "match"} <= set(e)
     assert all(isinstance(e[k], str) and e[k] for k in ("question", "answer", "cot"))
-    assert e["cot"].endswith(e["answer"] + ("。" if e["language"] == "zh" else "."))
+    if e.get("direct"):  # the general slice answers at once: one fixed sentence
+      assert e["cot"] == general.DIRECT[e["language"]]
+    else:
+      assert e["cot"].endswith(e["answer"] + ("。" if e["language"] == "zh" else "."))
     has_han = bool(_HAN.search(e["question"])) and bool(_HAN.search(e["cot"]))
     assert has_han == (e["language"] == "zh"), e
   share_zh = sum(e["language"] == "zh" for e in train) / len(train)

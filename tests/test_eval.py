@@ -73,14 +73,14 @@ def test_benchmark_metrics_by_hand():
 
 def test_summarise_reads_sample_records():
   records = [dict(extracted=a, correct=c, tokens=t, finished=f, format=1.0, language=1.0,
-                  reflective=r)
+                  reflective=r, at_once=t == 10)
              for a, c, t, f, r in [("12", True, 10, True, 0), ("12", True, 20, True, 3),
                                    ("11", False, 64, False, 1), (None, False, 64, False, 0)]]
   m = eval_lib.summarise(records, k=2, pass_ks=(2,))
   assert m["n_prompts"] == 2 and m["k"] == 2
   assert m["pass@1"] == 0.5 and m["cons@2"] == 0.5 and m["pass@2"] == 0.5
   assert m["response_len"] == pytest.approx(39.5) and m["truncated"] == 0.5
-  assert m["answered"] == 0.75 and m["reflective_words"] == 1.0
+  assert m["answered"] == 0.75 and m["reflective_words"] == 1.0 and m["at_once"] == 0.25
   assert m["mixed"] == 0.0 and "mixed/en" not in m  # one prompt language: no split
 
 
@@ -89,7 +89,8 @@ def test_summarise_splits_language_mixing_by_prompt_language():
   # English prompt (all English), two samples each.
   rows = [("zh", 1.0), ("zh", 0.6), ("zh", 1.0), ("zh", 1.0), ("en", 1.0), ("en", 1.0)]
   records = [dict(extracted="1", correct=True, tokens=5, finished=True, format=1.0,
-                  language=score, prompt_language=lang, reflective=0) for lang, score in rows]
+                  language=score, prompt_language=lang, reflective=0, at_once=False)
+             for lang, score in rows]
   m = eval_lib.summarise(records, k=2)
   assert m["mixed"] == pytest.approx(1 / 6) and m["language"] == pytest.approx(5.6 / 6)
   assert m["mixed/zh"] == pytest.approx(1 / 4) and m["language/zh"] == pytest.approx(0.9)

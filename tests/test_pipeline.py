@@ -52,6 +52,8 @@ def test_other_experiments_run_end_to_end(r1_run, distill_run):
   _, results = r1_run
   assert list(results) == list(load_config("experiments/r1/tiny.py", "smoke").pipeline)
   assert results["rejection"]["samples"] > 0
+  # The general slice's held-out requests are benchmarked beside the reasoning ones.
+  assert results["eval"]["general/n_prompts"] == results["eval"]["held_out/n_prompts"] > 0
   _, results = distill_run
   assert list(results) == list(load_config("experiments/distill/tiny.py", "smoke").pipeline)
   # The student is pretrained in its own stage, then distilled from those weights.
@@ -101,7 +103,10 @@ def test_every_experiment_ends_with_an_eval_stage(zero_run, r1_run, distill_run)
     assert c.stages[c.pipeline[-1]].kind == "eval", path
     for stage in c.pipeline:
       if c.stages[stage].kind == "eval":
-        assert [b[0] for b in c.stages[stage].benchmarks] == ["held_out", "arith_math500"]
+        # R1's pipeline also benchmarks the general slice's held-out requests.
+        general = ["general"] if path == "experiments/r1/tiny.py" else []
+        assert ([b[0] for b in c.stages[stage].benchmarks] ==
+                ["held_out", "arith_math500"] + general)
         _check_eval_stage(workdir, stage, results[stage], c.stages[stage])
 
 

@@ -14,7 +14,7 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from r1jax.data.tasks import arithmetic, countdown, read_code, read_math
+from r1jax.data.tasks import arithmetic, countdown, general, read_code, read_math
 from r1jax.rewards import REWARDS, RewardTerm
 from r1jax.rewards import sandbox as sb
 
@@ -26,6 +26,7 @@ pytestmark = pytest.mark.xdist_group("sandbox")
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "data")
 MATH_EXAMPLES = ([arithmetic.sample(random.Random(s), zh_fraction=0.5) for s in range(4)] +
                  [countdown.sample(random.Random(s)) for s in range(4)] +
+                 [general.sample(random.Random(s), zh_fraction=0.5) for s in range(4)] +
                  read_math(os.path.join(FIXTURES, "math.jsonl")))
 CODE_EXAMPLES = read_code(os.path.join(FIXTURES, "code.jsonl"))
 
@@ -58,6 +59,13 @@ def rollout_rows(examples: list[dict]) -> st.SearchStrategy[tuple[str, dict]]:
         lambda n: {**example, "prompt_ids": [1, 2, 3], "completion_tokens": n})
     return st.tuples(completions(example), shaped)
   return st.sampled_from(examples).flatmap(row)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _warm_math_verify():
+  """math-verify's first call imports sympy and its LaTeX parser (seconds on a busy
+  machine): done once here, so the time bound below is the reward's own."""
+  REWARDS["accuracy"]("\\boxed{\\frac{1}{2}}", {"answer": "0.5"})
 
 
 def _check(name, completion, example, max_s=5.0, **kwargs):
@@ -99,6 +107,7 @@ def test_shaping_fuzz(row):
   _check("overlong", *row)
   _check("cosine_accuracy", *row)
   _check("repetition", *row)
+  _check("preference", *row)
 
 
 PROGRAM = ["def add(a, b):\n", "  return a + b\n", "return", "1", "(", ")", ":", "\n", "  ",

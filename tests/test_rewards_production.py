@@ -41,7 +41,8 @@ LIMITS = sb.SandboxLimits(wall_s=5.0, cpu_s=5, memory_mb=256)
 # Every registered reward, split by what the examples carry: "answer" or "tests".
 MATH_TERMS = [("accuracy", 1.0), ("format", 0.5), ("language", 0.1),
               ("overlong", 1.0, {"max_len": 6, "cache_len": 4}),
-              ("cosine_accuracy", 1.0, {"max_len": N}), ("repetition", 0.5)]
+              ("cosine_accuracy", 1.0, {"max_len": N}), ("repetition", 0.5),
+              ("preference", 0.5)]
 CODE_TERMS = [("code", 1.0, {"limits": LIMITS}), ("format", 0.5), ("language", 0.1),
               ("overlong", 1.0), ("repetition", 0.5)]
 SOLUTION = "def add(a, b):\n  return a + b"

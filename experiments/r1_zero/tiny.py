@@ -67,6 +67,8 @@ def eval_stage(init: str, template: str):
 def shrink(c) -> None:
   """A couple of steps of every stage, for the test suite."""
   c.data.n_train, c.data.n_eval = 256, 32
+  if c.data.general_n_train:
+    c.data.general_n_train, c.data.general_n_eval = 32, 8
   for name in c.pipeline:
     sc = c.stages[name]
     if sc.kind == "eval":
@@ -86,6 +88,9 @@ def shrink(c) -> None:
       sc.grpo.max_new_tokens = 16
     if "extra_task_rows" in sc:  # an untrained smoke model keeps no samples
       sc.extra_task_rows = 16
+    for key in ("general_rows", "general_prompts"):
+      if sc.get(key):
+        sc[key] = min(sc[key], c.data.general_n_train)
     if "prompts" in sc:
       sc.prompts, sc.samples_per_prompt, sc.batch_rows = 16, 2, 16
       sc.max_new_tokens = 16

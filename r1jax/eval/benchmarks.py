@@ -1,8 +1,10 @@
 """Which problems an evaluation asks: the run's held-out split or math JSONL files.
 
 A stage names its benchmarks as `(name, source)` or `(name, source, layout)`:
-source "task:held_out" is the run's held-out split (`ctx.eval_examples`); any
-other source is a JSONL file read by `r1jax.data.tasks.read_math` in `layout`
+source "task:held_out" is the run's held-out split (`ctx.eval_examples`),
+"task:general" the held-out requests of its non-reasoning slice
+(`ctx.general_eval`, data.general_n_eval of them); any other source is a JSONL
+file read by `r1jax.data.tasks.read_math` in `layout`
 ("auto" by default: MATH-500, AIME, GSM8K and plain {question, answer} rows
 are told apart by their fields; see that module for each layout's gold).
 A relative path that does not exist from the working directory is looked up
@@ -19,13 +21,15 @@ from r1jax import storage
 from r1jax.data.tasks import jsonl
 
 HELD_OUT = "task:held_out"
+GENERAL = "task:general"
+SPLITS = (HELD_OUT, GENERAL)  # sources the run generates rather than reads
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   name: str
-  source: str  # HELD_OUT or a JSONL path
+  source: str  # one of SPLITS or a JSONL path
   layout: str = "auto"
 
   @property
@@ -47,26 +51,34 @@ def parse(specs: Sequence[Sequence[str]]) -> list[Benchmark]:
     if (not isinstance(spec, (tuple, list)) or len(spec) not in (2, 3)
         or not all(isinstance(s, str) and s for s in spec)):
       raise ValueError(f"benchmarks entry {spec!r}: expected (name, source) or "
-                       f"(name, source, layout) strings; source {HELD_OUT!r} or a JSONL path")
+                       f"(name, source, layout) strings; source one of {SPLITS} or a JSONL "
+                       "path")
     b = Benchmark(*spec)
     if b.name in [o.name for o in out]:
       raise ValueError(f"benchmarks: name {b.name!r} is used twice")
     if b.layout not in jsonl.MATH_LAYOUTS:
       raise ValueError(f"benchmarks entry {b.name!r}: layout {b.layout!r} is not one of "
                        f"{sorted(jsonl.MATH_LAYOUTS)}")
-    if b.source == HELD_OUT and b.layout != "auto":
-      raise ValueError(f"benchmarks entry {b.name!r}: the held-out split has no layout")
-    if b.source != HELD_OUT and not storage.exists(b.path):
+    if b.source.startswith("task:") and b.source not in SPLITS:
+      raise ValueError(f"benchmarks entry {b.name!r}: unknown split {b.source!r}; the run's "
+                       f"splits are {SPLITS}")
+    if b.source in SPLITS and b.layout != "auto":
+      raise ValueError(f"benchmarks entry {b.name!r}: the split {b.source!r} has no layout")
+    if b.source not in SPLITS and not storage.exists(b.path):
       raise ValueError(f"benchmarks entry {b.name!r}: no file {b.source!r}")
     out.append(b)
   return out
 
 
-def load(benchmarks: Sequence[Benchmark], held_out: list[dict],
-         max_prompts: int = 0) -> list[tuple[str, list[dict]]]:
+def load(benchmarks: Sequence[Benchmark], held_out: list[dict], max_prompts: int = 0,
+         general: list[dict] | None = None) -> list[tuple[str, list[dict]]]:
   """[(name, examples)], each cut to its first `max_prompts` problems (0 = all)."""
   out = []
   for b in benchmarks:
-    examples = held_out if b.source == HELD_OUT else jsonl.read_math(b.path, b.layout)
+    if b.source == GENERAL and not general:
+      raise ValueError(f"benchmarks entry {b.name!r}: {GENERAL!r} needs the general slice; "
+                       "set data.general_n_eval > 0")
+    splits = {HELD_OUT: held_out, GENERAL: general}
+    examples = splits[b.source] if b.source in SPLITS else jsonl.read_math(b.path, b.layout)
     out.append((b.name, list(examples[:max_prompts] if max_prompts else examples)))
   return out

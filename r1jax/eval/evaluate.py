@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from r1jax import storage
+from r1jax.data.tasks import general
 from r1jax.eval import metrics as metrics_lib
 from r1jax.pipeline import stages
 from r1jax.pipeline.context import Context
@@ -47,8 +48,10 @@ def extracted_answer(completion: str) -> str | None:
 
 def run(ctx: Context, cfg, params, benchmarks: Sequence[tuple[str, list[dict]]],
         sampling: Sampling, seed: int, pass_ks: Sequence[int] = (),
-        same: metrics_lib.Same = metrics_lib.math_same) -> tuple[dict, list[dict]]:
+        same: metrics_lib.Same | None = None) -> tuple[dict, list[dict]]:
   """({benchmark: metrics}, one record per sample), the same on every process.
+  `same` groups the answers of a vote (None: by each benchmark's match mode,
+  metrics.same_for).
 
   All benchmarks share one `generate` call, so the sampler's batches stay full."""
   examples = [dict(e, benchmark=name, prompt_index=i)
@@ -70,7 +73,8 @@ def run(ctx: Context, cfg, params, benchmarks: Sequence[tuple[str, list[dict]]],
         "correct": bool(per["accuracy"][i] >= 1.0), "tokens": len(gens.tokens[i]),
         "finished": bool(gens.finished[i]), "format": float(per["format"][i]),
         "language": float(per["language"][i]), "prompt_language": e.get("language", "en"),
-        "reflective": text_lib.reflective_words(completion)})
+        "reflective": text_lib.reflective_words(completion),
+        "at_once": general.answers_at_once(text_lib.reasoning(completion))})
   results = {}
   for name, exs in benchmarks:
     mine = [r for r in records if r["benchmark"] == name]
@@ -78,7 +82,8 @@ def run(ctx: Context, cfg, params, benchmarks: Sequence[tuple[str, list[dict]]],
       ctx.log(f"  WARNING: benchmark {name}: no prompt fits max_prompt_len="
               f"{sampling.max_prompt_len}; skipped")
       continue
-    results[name] = summarise(mine, sampling.samples, pass_ks, same)
+    results[name] = summarise(mine, sampling.samples, pass_ks,
+                              same or metrics_lib.same_for(exs))
     results[name]["prompts_skipped"] = len(exs) - results[name]["n_prompts"]
   return results, records
 
@@ -97,6 +102,8 @@ def summarise(records: list[dict], k: int, pass_ks: Sequence[int] = (),
   out.update({"n_prompts": n_prompts, "k": k, "response_len": mean("tokens"),
               "format": mean("format"), "truncated": 1.0 - mean("finished"),
               "language": mean("language"), "reflective_words": mean("reflective"),
+              # answered without a chain of thought (general.DIRECT's one sentence)
+              "at_once": mean("at_once"),
               "answered": float(np.mean([r["extracted"] is not None for r in records]))})
   out.update(_language_mixing(records))
   return out

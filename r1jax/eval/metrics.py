@@ -5,7 +5,8 @@ Per prompt there are n samples, c of them correct:
 - unbiased pass@k (Codex, Chen et al. 2021): 1 - C(n-c, k)/C(n, k), the chance
   that at least one of k samples drawn without replacement from the n is right;
 - cons@n: the majority vote over the n extracted answers is right. Answers that
-  math-verify finds equivalent (`1/2`, `0.5`, `\\frac12`) are one answer; a
+  math-verify finds equivalent (`1/2`, `0.5`, `\\frac12`) are one answer (in a
+  benchmark matched exactly: the same string, `same_for`); a
   sample with no extracted answer casts no vote. Ties go to the answer first
   seen in sample order (lowest sample index), so the vote is deterministic.
 """
@@ -33,6 +34,20 @@ def math_same(a: str, b: str) -> bool:
   """Whether two extracted answers are the same under math-verify (either direction)."""
   from r1jax.rewards.accuracy import is_equivalent  # noqa: PLC0415 - pulls in sympy
   return is_equivalent(a, b, "math") or is_equivalent(b, a, "math")
+
+
+def exact_same(a: str, b: str) -> bool:
+  """Whether two extracted answers are the same string, whitespace normalised."""
+  return " ".join(a.split()) == " ".join(b.split())
+
+
+def same_for(examples: Sequence[dict]) -> Same:
+  """How a benchmark's votes are grouped: as exact strings when every problem is
+  matched exactly (math-verify reads "star" and "rats" as one product of symbols),
+  else under math-verify."""
+  if examples and all(e.get("match") == "exact" for e in examples):
+    return exact_same
+  return math_same
 
 
 def vote(answers: Sequence[str | None], same: Same = math_same) -> int | None:

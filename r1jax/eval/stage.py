@@ -22,7 +22,7 @@ def eval_stage(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dic
     raise ValueError(f"stages.{name}.init: an eval stage needs weights ('stage:<name>' or "
                      "'hf:<dir>')")
   benches = benchmarks_lib.load(benchmarks_lib.parse(sc.benchmarks), ctx.eval_examples,
-                                sc.max_prompts)
+                                sc.max_prompts, ctx.general_eval)
   results, records = eval_lib.run(ctx, cfg, params, benches, sampling(sc),
                                   stages.stage_seed(ctx.c.seed, name, "eval"), sc.pass_ks)
   eval_lib.write(ctx, stage_dir, results, records)

@@ -23,7 +23,7 @@ from r1jax.data import chat as chat_lib
 from r1jax.data import chat_template
 from r1jax.data import tasks
 from r1jax.data import tokenizer as tokenizer_lib
-from r1jax.data.tasks import arithmetic
+from r1jax.data.tasks import arithmetic, general
 from r1jax.model import ModelConfig, abstract_params, logical_axes
 from r1jax.parallel import mesh as mesh_lib
 from r1jax.parallel import multihost
@@ -42,6 +42,9 @@ class Context:
   # Tokenizers by path ("" = the run's, `tok` of the runner's context), loaded once
   # and shared by every copy `with_tokenizer` makes.
   tokenizers: dict = dataclasses.field(default_factory=dict)
+  # The non-reasoning slice's (train, held-out) examples (`general_splits`; empty: none).
+  general_train: list[dict] = dataclasses.field(default_factory=list)
+  general_eval: list[dict] = dataclasses.field(default_factory=list)
 
   def with_tokenizer(self, path: str) -> "Context":
     """This context with the tokenizer at `path` ("" = the run's): a stage whose
@@ -69,7 +72,9 @@ class Context:
       raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                        f"tokenizer's {tok.vocab_size} pieces; raise model.vocab_size")
     mesh = mesh_lib.make_mesh(tuple(c.mesh))
-    return cls(c, workdir, mesh, tok, train_examples, eval_examples, model_cfg)
+    general_train, general_eval = general_splits(c)
+    return cls(c, workdir, mesh, tok, train_examples, eval_examples, model_cfg,
+               general_train=general_train, general_eval=general_eval)
 
   # -- moving data onto the mesh
 
@@ -130,6 +135,17 @@ def load_splits(c: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
                            seed=c.seed, **options)
 
 
+def general_splits(c: ml_collections.ConfigDict) -> tuple[list[dict], list[dict]]:
+  """(train, held-out) examples of the non-reasoning slice: `data.general_n_train` and
+  `data.general_n_eval` of them (both 0: none), in the task's languages."""
+  if not c.data.general_n_train and not c.data.general_n_eval:
+    return [], []
+  task = tasks.get("general")
+  return tasks.make_splits("general", n_train=c.data.general_n_train,
+                           n_eval=c.data.general_n_eval, seed=c.seed,
+                           **{k: c.data[k] for k in task.options})
+
+
 def _log(msg: str) -> None:
   if jax.process_index() == 0:
     print(msg, flush=True)
@@ -178,7 +194,7 @@ def toy_corpus(examples: list[dict], chat_paths: Sequence[str] = ()) -> list[str
           chat_template.R1_CHAT_TEMPLATE, [{"role": "user", "content": e["question"]}],
           add_generation_prompt=True, bos_token="", eos_token=tokenizer_lib.EOS_TOKEN)
       corpus.append(prompt + tokenizer_lib.r1_chat_response(e["cot"], e["answer"]))
-  corpus += [pretrain_document(e, "plain") for e in examples] + list(_DIRECT.values())
+  corpus += [pretrain_document(e, "plain") for e in examples] + list(general.DIRECT.values())
   for path in chat_paths:
     corpus += [m["content"] for messages in chat_lib.read_chat(path) for m in messages]
   return corpus
@@ -209,10 +225,10 @@ def pretrain_document(example: dict, style: str, rng: random.Random | None = Non
     head, found, tail = cot.rpartition(answer)  # the final statement of the answer
     cot = head + wrong + tail if found else cot
     answer = wrong
-  direct = "cot" not in example or (rng is not None and direct_answer_rate and
-                                    rng.random() < direct_answer_rate)
+  direct = "cot" not in example or example.get("direct", False) or (
+      rng is not None and direct_answer_rate and rng.random() < direct_answer_rate)
   if direct:
-    cot = _DIRECT.get(example.get("language", "en"), _DIRECT["en"])
+    cot = general.DIRECT.get(example.get("language", "en"), general.DIRECT["en"])
   if style == "r1_zero":
     return (tokenizer_lib.r1_zero_prompt(example["question"]) +
             tokenizer_lib.r1_zero_response(cot, answer))
@@ -221,10 +237,6 @@ def pretrain_document(example: dict, style: str, rng: random.Random | None = Non
       return f"Question: {example['question']}\nThe answer is {answer}."
     return f"Question: {example['question']}\nSolution: {cot}\nThe answer is {answer}."
   raise ValueError(f"unknown pretrain document style {style!r}; use 'plain' or 'r1_zero'")
-
-
-# The whole "reasoning" of a document that answers directly, per language.
-_DIRECT = {"en": "I will answer directly.", "zh": "直接回答。"}
 
 
 def _perturb(answer: str, rng: random.Random) -> str:

@@ -158,6 +158,9 @@ def sft(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
     extra = ctx.train_examples[:sc.extra_task_rows]
     pairs = (_dataset_pairs(inputs[_ref(sc.data)]["dataset"]) +
              pipelines.sft_pairs(ctx.tok, extra, sc.template))
+  # R1 §2.3.3's non-reasoning data: answered at once, the one-sentence reasoning of
+  # general.DIRECT in the think block (the format stays the reasoning data's).
+  pairs += pipelines.sft_pairs(ctx.tok, ctx.general_train[:sc.general_rows], sc.template)
   if len(pairs) < sc.batch_size:
     raise RuntimeError(f"stage {name}: {len(pairs)} training rows, fewer than one batch of "
                        f"{sc.batch_size}; raise extra_task_rows or sample more upstream")
@@ -318,7 +321,8 @@ def grpo(ctx: Context, name: str, sc, inputs: dict, stage_dir: str) -> dict:
   before = evaluate(ctx, cfg, params, sc, **eval_kw) if sc.eval_prompts else {}
   if before:
     ctx.log(f"  held-out before: accuracy {before['accuracy']:.3f}  format {before['format']:.3f}")
-  examples, dropped = pipelines.prompt_examples(ctx.tok, ctx.train_examples, template=sc.template,
+  prompts = ctx.train_examples + ctx.general_train[:sc.general_prompts]
+  examples, dropped = pipelines.prompt_examples(ctx.tok, prompts, template=sc.template,
                                                 max_prompt_len=g.max_prompt_len,
                                                 seed=stage_seed(ctx.c.seed, name, "prompts"))
   spec = RewardSpec.create(reward_terms(sc.rewards, sc.template), timeout_s=sc.reward_timeout_s,

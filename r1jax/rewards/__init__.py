@@ -12,6 +12,7 @@ from r1jax.rewards.combine import (BOUNDS, REWARDS, RewardEvaluator, RewardSpec,
                                    make_reward_fn)
 from r1jax.rewards.format import format_checks, format_reward
 from r1jax.rewards.language import language, script_counts
+from r1jax.rewards.preference import preference
 from r1jax.rewards.sandbox import SandboxInfo, SandboxLimits, sandbox_info
 from r1jax.rewards.shaping import cosine_accuracy, dapo_overlong, overlong, repetition
 
@@ -19,6 +20,6 @@ __all__ = [
     "BOUNDS", "REWARDS", "RewardEvaluator", "RewardSpec", "RewardTerm", "SandboxInfo",
     "SandboxLimits", "accuracy", "code", "cosine_accuracy", "dapo_overlong",
     "extract_answers", "extract_code", "format_checks", "format_reward",
-    "is_equivalent", "language", "make_reward_fn", "overlong", "repetition",
+    "is_equivalent", "language", "make_reward_fn", "overlong", "preference", "repetition",
     "run_tests", "sandbox_info", "script_counts",
 ]

@@ -42,6 +42,7 @@ from r1jax.rewards.accuracy import accuracy
 from r1jax.rewards.code import code
 from r1jax.rewards.format import format_reward
 from r1jax.rewards.language import language
+from r1jax.rewards.preference import preference
 from r1jax.rewards.shaping import cosine_accuracy, overlong, repetition
 
 RewardFn = Callable[..., float]
@@ -53,6 +54,7 @@ REWARDS: dict[str, RewardFn] = {
     "overlong": overlong,
     "cosine_accuracy": cosine_accuracy,
     "repetition": repetition,
+    "preference": preference,
 }
 
 
@@ -74,6 +76,7 @@ BOUNDS: dict[str, Callable[[Mapping[str, Any]], tuple[float, float]]] = {
     "overlong": lambda o: (-1.0, 0.0),
     "cosine_accuracy": _cosine,
     "repetition": lambda o: (o["max_penalty"], 0.0),
+    "preference": lambda o: (min(0.0, o["neutral"]), max(1.0, o["neutral"])),
 }
 if set(BOUNDS) != set(REWARDS):  # a reward without a range could not fail closed
   raise ImportError(f"rewards without declared bounds: {sorted(set(REWARDS) ^ set(BOUNDS))}")

@@ -20,7 +20,7 @@ import inspect
 import random
 from typing import Callable
 
-from r1jax.data.tasks import arithmetic, countdown
+from r1jax.data.tasks import arithmetic, countdown, general
 from r1jax.data.tasks.jsonl import DataError, read_code, read_math
 
 HELD_OUT_FRACTION = 0.1
@@ -41,6 +41,8 @@ class Task:
 TASKS: dict[str, Task] = {
     "arithmetic": Task(arithmetic.sample, arithmetic.problem_key),
     "countdown": Task(countdown.sample, countdown.problem_key),
+    # The non-reasoning slice (answered at once), mixed into R1's later stages.
+    "general": Task(general.sample, general.problem_key),
 }
 
 
