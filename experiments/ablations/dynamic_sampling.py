@@ -15,7 +15,9 @@ VARIANTS = ("off", "on")
 
 
 def _apply(c, variant):
-  c.stages.grpo.grpo.update(dict(dynamic_sampling=variant == "on", max_retries=2))
+  # "off" is the main job as it is, so a sweep can reuse its GRPO stage per seed.
+  if variant == "on":
+    c.stages.grpo.grpo.update(dict(dynamic_sampling=True, max_retries=2))
 
 
 def get_config(arg: str | None = None):
