@@ -139,3 +139,25 @@ def test_sweep_submit_dry_run_prints_one_launch_per_arm(tmp_path):
   assert [line.split(" -m r1jax.main ")[1] for line in seeds] == [
       f"--config=experiments/ablations/clip_higher.py:sym --workdir={tmp_path}/clip_higher/sym/"
       f"seed{k} --config.seed={k}" for k in (0, 1)]
+
+
+def test_a_run_made_before_a_config_key_existed_is_still_reused(tmp_path):
+  """A key added since (the general slice's counts) reads as its default, which keeps the
+  old behaviour; a key the old run set to something else still blocks the reuse."""
+  c = configs.experiment(os.path.join(ROOT, "experiments/r1_zero/tiny.py")).get_config()
+  old = json.loads(c.to_json_best_effort())
+  del old["data"]["general_n_train"], old["stages"]["grpo"]["general_prompts"]
+  (tmp_path / "old").mkdir()
+  (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+  for stage in ("pretrain", "grpo"):
+    (tmp_path / "old" / stage).mkdir()
+    (tmp_path / "old" / stage / "outputs.json").write_text("{}")
+  other, _, finished = sweep.earlier_run(str(tmp_path / "old"))
+  assert finished == {"pretrain", "grpo"}
+  assert sweep.reusable(c, "pretrain", other, finished)
+  assert sweep.reusable(c, "grpo", other, finished)
+  old["stages"]["grpo"]["grpo"]["group_size"] += 1
+  (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+  other, _, finished = sweep.earlier_run(str(tmp_path / "old"))
+  assert sweep.reusable(c, "pretrain", other, finished)
+  assert not sweep.reusable(c, "grpo", other, finished)

@@ -107,12 +107,34 @@ def copy_stage(src_workdir: str, dst_workdir: str, name: str) -> None:
     json.dump(outputs, f, indent=1, sort_keys=True)
 
 
+def _fill(old: dict, defaults: dict) -> dict:
+  for k, v in defaults.items():
+    if k not in old:
+      old[k] = v
+    elif isinstance(v, dict) and isinstance(old[k], dict):
+      _fill(old[k], v)
+  return old
+
+
+def with_defaults(old: dict) -> dict:
+  """An earlier run's config.json with each key it predates set to today's default
+  (configs.base() for globals, the stage kind's template for stages). New keys
+  default to the old behaviour, so a run made before a key existed stays reusable."""
+  from r1jax import configs
+  _fill(old, {k: v for k, v in _plain(configs.base()).items() if k != "stages"})
+  for sc in old.get("stages", {}).values():
+    template = getattr(configs, f"{sc.get('kind')}_stage", None)
+    if template is not None:
+      _fill(sc, _plain(template()))
+  return old
+
+
 def earlier_run(workdir: str):
   """(config, workdir, finished stages) of a finished or partial run, from its config.json."""
   import ml_collections
   from r1jax.pipeline import runner
   with open(os.path.join(workdir, "config.json")) as f:
-    c = ml_collections.ConfigDict(json.load(f))
+    c = ml_collections.ConfigDict(with_defaults(json.load(f)))
   c.pipeline = tuple(c.pipeline)
   return c, workdir, {s for s in c.pipeline if runner.stage_outputs(workdir, s) is not None}
 
