@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 from typing import Any
 
 import fsspec.config
@@ -88,6 +89,18 @@ def read_jsonl(p: str | os.PathLike) -> list[dict]:
   if not exists(p):
     return []
   return [json.loads(line) for line in read_text(p).splitlines() if line.strip()]
+
+
+def copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+  """Copies the files under `src` to the same places under `dst` (either may be a URL)."""
+  if not is_remote(src) and not is_remote(dst):
+    shutil.copytree(path(src), path(dst), dirs_exist_ok=True)
+    return
+  for f in path(src).iterdir():  # one listing per folder (no recursive glob on buckets)
+    if f.is_dir():
+      copy_tree(f, path(dst) / f.name)
+    else:
+      write_bytes(path(dst) / f.name, f.read_bytes())
 
 
 def save_figure(p: str | os.PathLike, fig, **kw) -> None:

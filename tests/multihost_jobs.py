@@ -5,6 +5,7 @@
 
 JOBS.json is a list of {"config": "experiments/….py:arg", "workdir": …,
 "overrides": {"dotted.key": value}, "reuse_from": [earlier workdirs],
+"reuse_stages": [the only stages to copy from them; default: every equal one],
 "kill": {"stage": …, "step": k, "process": p}}. Stages that an earlier workdir
 computed with the same settings are copied first (as the sweep does).
 Each job is what `python -m r1jax.main --config=… --workdir=…` would run, one
@@ -72,7 +73,8 @@ def main(jobs_file: str) -> None:
       _arm_kill(**job["kill"])
     c = load_job_config(job["config"], job.get("overrides", {}))
     if job.get("reuse_from") and jax.process_index() == 0:
-      sweep.reuse_finished(c, job["workdir"], [sweep.earlier_run(w) for w in job["reuse_from"]])
+      sweep.reuse_finished(c, job["workdir"], [sweep.earlier_run(w) for w in job["reuse_from"]],
+                           stages=job.get("reuse_stages"))
     multihost.barrier("reuse")
     runner.run(c, job["workdir"])
 

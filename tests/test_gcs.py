@@ -148,3 +148,17 @@ def test_subprocess_shares_the_bucket(root):
                                                     "from_parent.txt"]
   assert (root / "from_child.txt").read_text() == "hello back"
   assert (root / "from_child.bin").read_bytes() == b"ts"
+
+
+def test_copy_tree_into_and_out_of_a_bucket(root, tmp_path):
+  """What a sweep's --reuse_from does with a stage folder whose workdir is a bucket."""
+  from r1jax import storage
+  (tmp_path / "src" / "checkpoints" / "10").mkdir(parents=True)
+  (tmp_path / "src" / "checkpoints" / "10" / "a.bin").write_bytes(b"\x00\x01")
+  (tmp_path / "src" / "outputs.json").write_text("{}")
+  storage.copy_tree(tmp_path / "src", root / "stage")
+  assert (root / "stage" / "checkpoints" / "10" / "a.bin").read_bytes() == b"\x00\x01"
+  storage.copy_tree(root / "stage", tmp_path / "back")
+  assert sorted(p.relative_to(tmp_path / "back").as_posix()
+                for p in (tmp_path / "back").rglob("*") if p.is_file()) == [
+                    "checkpoints/10/a.bin", "outputs.json"]

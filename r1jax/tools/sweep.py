@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -88,23 +87,22 @@ def reusable(c, name: str, other, finished: set[str]) -> bool:
 
 
 def copy_stage(src_workdir: str, dst_workdir: str, name: str) -> None:
-  """Copies a finished stage, pointing the paths in its outputs at the copy."""
-  src, dst = os.path.join(src_workdir, name), os.path.join(dst_workdir, name)
-  os.makedirs(dst_workdir, exist_ok=True)
-  shutil.copytree(src, dst)
+  """Copies a finished stage, pointing the paths in its outputs at the copy
+  (either workdir may be a bucket URL)."""
+  from r1jax import storage
+  src, dst = storage.join(src_workdir, name), storage.join(dst_workdir, name)
+  storage.copy_tree(src, dst)
   for extra in ("tokenizer.model",):
-    if os.path.exists(os.path.join(src_workdir, extra)) and not os.path.exists(
-        os.path.join(dst_workdir, extra)):
-      shutil.copy(os.path.join(src_workdir, extra), os.path.join(dst_workdir, extra))
-  path = os.path.join(dst, "outputs.json")
-  with open(path) as f:
-    outputs = json.load(f)
+    there, here = storage.join(src_workdir, extra), storage.join(dst_workdir, extra)
+    if storage.exists(there) and not storage.exists(here):
+      storage.write_bytes(here, storage.read_bytes(there))
+  path = storage.join(dst, "outputs.json")
+  outputs = storage.read_json(path)
   for k, v in outputs.items():
-    if isinstance(v, str) and v.startswith(src + os.sep):
+    if isinstance(v, str) and v.startswith(src + "/"):
       outputs[k] = dst + v[len(src):]
   outputs["reused_from"] = src
-  with open(path, "w") as f:
-    json.dump(outputs, f, indent=1, sort_keys=True)
+  storage.write_text(path, json.dumps(outputs, indent=1, sort_keys=True))
 
 
 def _fill(old: dict, defaults: dict) -> dict:
@@ -133,18 +131,20 @@ def earlier_run(workdir: str):
   """(config, workdir, finished stages) of a finished or partial run, from its config.json."""
   import ml_collections
   from r1jax.pipeline import runner
-  with open(os.path.join(workdir, "config.json")) as f:
-    c = ml_collections.ConfigDict(with_defaults(json.load(f)))
+  from r1jax import storage
+  c = ml_collections.ConfigDict(with_defaults(storage.read_json(storage.join(workdir,
+                                                                          "config.json"))))
   c.pipeline = tuple(c.pipeline)
   return c, workdir, {s for s in c.pipeline if runner.stage_outputs(workdir, s) is not None}
 
 
-def reuse_finished(c, workdir: str, done: list, log: str = "") -> None:
-  """Copies into `workdir` each stage of `c` that an earlier run in `done`
-  ((config, workdir, finished stages) triples) computed with the same settings."""
+def reuse_finished(c, workdir: str, done: list, log: str = "", stages=None) -> None:
+  """Copies into `workdir` each stage of `c` (or of `stages`) that an earlier run in
+  `done` ((config, workdir, finished stages) triples) computed with the same settings."""
   from r1jax.pipeline import runner
   for name in c.pipeline:
-    if runner.stage_outputs(workdir, name) is not None:
+    if (stages is not None and name not in stages
+        or runner.stage_outputs(workdir, name) is not None):
       continue
     for other, other_wd, finished in done:
       if reusable(c, name, other, finished):
