@@ -99,6 +99,20 @@ class Block(nn.Module):
 _CPU_UNROLL_MAX_LAYERS = 8
 
 
+def write_entries(cache_parts, new_parts, start):
+  """Each cache array with its new entries written at slots [start, start+T): arrays
+  [L,B,S,...] take [L,B,T,...]; a list of per-layer [B,S,...] arrays takes one
+  [B,T,...] slice of the new entries each (the sampler's unrolled-stack layout)."""
+  out = []
+  for full, new in zip(cache_parts, new_parts):
+    if isinstance(full, (list, tuple)):
+      out.append([jax.lax.dynamic_update_slice_in_dim(f, new[i].astype(f.dtype), start, axis=1)
+                  for i, f in enumerate(full)])
+    else:
+      out.append(jax.lax.dynamic_update_slice_in_dim(full, new.astype(full.dtype), start, axis=2))
+  return tuple(out)
+
+
 def stack_unroll(cfg: ModelConfig, length: int, backend: str | None = None) -> int:
   """lax.scan's unroll factor for a stack of `length` layers: cfg.scan_unroll, or
   for 0 ("auto") the whole stack on CPU when it has ≤ 8 layers, else 1."""
@@ -183,7 +197,7 @@ class Transformer(nn.Module):
       w = head_lib.HeadWeights(self.lm_head.kernel, False, jnp.dtype(c.dtype))
     return head_lib.project(h_BxTxD, w)
 
-  def _stacks(self, x, pos, valid, cache: LatentCache | None, start):
+  def _stacks(self, x, pos, valid, cache: LatentCache | None, start, write: bool = True):
     aux = {}
     new_cache = {}
     for name in ("dense_layers", "moe_layers"):
@@ -193,10 +207,10 @@ class Transformer(nn.Module):
       x, (stack_aux, latents) = getattr(self, name)(x, layer_cache, pos, valid, start)
       if name == "moe_layers":
         aux = stack_aux
-      if cache is not None:  # the new slots [start, start+T) of every layer, in place
-        new_cache[name] = tuple(
-            jax.lax.dynamic_update_slice_in_dim(full_LxBxSxC, new_LxBxTxC, start, axis=2)
-            for full_LxBxSxC, new_LxBxTxC in zip(layer_cache, latents))
+      if cache is not None and not write:
+        new_cache[name] = latents
+      elif cache is not None:  # the new slots [start, start+T) of every layer, in place
+        new_cache[name] = write_entries(layer_cache, latents, start)
     return x, aux, new_cache
 
   def __call__(self, tokens_BxT, positions_BxT=None, valid_BxT=None, *,
@@ -250,17 +264,19 @@ class Transformer(nn.Module):
     return out, aux
 
   def decode(self, tokens_BxT, positions_BxT, cache: LatentCache, start, valid_BxS, *,
-             last_only: bool = False):
+             last_only: bool = False, write: bool = True):
     """Cache form (MLA latents or GQA k/v): runs T new tokens written at cache
     slots [start, start+T).
 
     `valid_BxS` marks every filled slot including the new ones. Returns
     (logits [B,T,V] float32, updated cache); with `last_only` the logits of the
     last token only, [B,1,V] (what a sampler's prefill needs). Prefill is this
-    call with start=0.
+    call with start=0. With `write=False` the second result holds only the T new
+    entries of every layer ([L,B,T,...] per stack), for a caller that keeps the
+    cache in another layout and writes them itself (`write_entries`).
     """
     x = shard_batch(self.embed(tokens_BxT))
-    x, _, layers = self._stacks(x, positions_BxT, valid_BxS, cache, start)
+    x, _, layers = self._stacks(x, positions_BxT, valid_BxS, cache, start, write)
     if last_only:
       x = x[:, -1:]
     return self.head(self.final_norm(x)), LatentCache(layers)

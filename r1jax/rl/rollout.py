@@ -33,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r1jax.model import LatentCache, ModelConfig, Transformer
-from r1jax.model.transformer import stack_unroll
+from r1jax.model.transformer import stack_unroll, write_entries
 from r1jax.parallel.mesh import BATCH, batch_sharding
 
 # (state, tokens_BxT, positions_BxT, start, valid_BxS) -> (logits_BxTxV, state)
@@ -209,18 +209,42 @@ def generate(decode_fn: DecodeFn, state: Any, prompts_BxP: jax.Array, prompt_len
 # The Transformer behind the core.
 
 def model_decode_fn(cfg: ModelConfig, params) -> DecodeFn:
-  """The Transformer's cached decode as a DecodeFn (state = LatentCache).
+  """The Transformer's cached decode as a DecodeFn (state = LatentCache, its
+  unrolled stacks as lists of per-layer arrays: `split_cache`).
 
   It returns the last token's logits only ([B,1,V]): the prefill needs no more,
-  and the head over every prompt slot would be [B,P,V] float32 for nothing."""
+  and the head over every prompt slot would be [B,P,V] float32 for nothing. The
+  new entries are written here, into each layer's own array: a stacked [L,...]
+  cache in a decode loop was sliced per layer and copied back whole every token
+  (bench.peer generate: 21 cache copies per token)."""
   model = Transformer(cfg)
   unstacked = _unstack_unrolled(cfg, params)
 
   def decode(cache, tokens_BxT, positions_BxT, start, valid_BxS):
-    return model.apply({"params": _restack(params, unstacked)}, tokens_BxT, positions_BxT,
-                       cache, start, valid_BxS, method="decode", last_only=True)
+    logits, new = model.apply({"params": _restack(params, unstacked)}, tokens_BxT,
+                              positions_BxT, _stacked(cache),
+                              start, valid_BxS, method="decode", last_only=True, write=False)
+    return logits, LatentCache({name: write_entries(parts, new.layers[name], start)
+                                for name, parts in cache.layers.items()})
 
   return decode
+
+
+def _stacked(cache: LatentCache) -> LatentCache:
+  # Each layer's array goes into the stack unchanged, and the stack's per-layer
+  # slices fold back to it: reading a layer's entries copies nothing.
+  return LatentCache({name: tuple(jnp.stack(a) if isinstance(a, list) else a for a in parts)
+                      for name, parts in cache.layers.items()})
+
+
+def split_cache(cfg: ModelConfig, cache: LatentCache) -> LatentCache:
+  """The cache with each unrolled stack's arrays as lists of per-layer arrays (the
+  layout `model_decode_fn` updates in place; rolled stacks stay [L,...])."""
+  lengths = {"dense_layers": cfg.n_dense_layers, "moe_layers": cfg.n_moe_layers}
+  return LatentCache({
+      name: tuple([a[i] for i in range(a.shape[0])] for a in parts)
+      if stack_unroll(cfg, lengths[name]) >= lengths[name] else parts
+      for name, parts in cache.layers.items()})
 
 
 def _unstack_unrolled(cfg: ModelConfig, params) -> dict:
@@ -263,7 +287,7 @@ def rollout(cfg: ModelConfig, params, prompts_BxP: jax.Array, prompt_lengths_B: 
             row_offset: jax.Array | int = 0) -> Rollout:
   """`generate` over the Transformer with a fresh cache. Pure; jit it or call it in a jit."""
   B, Pn = prompts_BxP.shape
-  cache = init_cache(cfg, B, Pn + max_new_tokens, mesh)
+  cache = split_cache(cfg, init_cache(cfg, B, Pn + max_new_tokens, mesh))
   return generate(model_decode_fn(cfg, params), cache, prompts_BxP, prompt_lengths_B, rng,
                   max_new_tokens=max_new_tokens, settings=settings, eos_id=eos_id,
                   pad_id=pad_id, row_offset=row_offset)
