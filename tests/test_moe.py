@@ -4,10 +4,12 @@ ragged_dot, the "auto" rule."""
 
 import jax
 import jax.numpy as jnp
+import flax.linen as nn
 import numpy as np
 import pytest
 
 from r1jax.model import ModelConfig, moe
+from r1jax.model.layers import MLP
 from r1jax.model.grouped import (block_layout, dispatch_layout, dropless_dispatch,
                                  permute_rows, take_rows)
 from r1jax.model.moe import (MoE, PATHS, dense_reference, expert_load, moe_impl, route,
@@ -249,6 +251,33 @@ def test_layer_path_equals_dense_reference(layer_case, impl):
   paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(grads))
   for path, g, r in zip(paths, leaves, jax.tree.leaves(grads_r)):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_packed_weights_give_the_layer_output(layer_case):
+  # A sampler packs the dense path's weights once (rollout.model_decode_fn); the
+  # layer then runs its routed and shared experts as two products with them. Ids
+  # of E ("no expert") add nothing there either.
+  case, ((_, (y_r, aux_r)), _) = layer_case
+  x, valid, params, _ = case
+  params = nn.unbox(params)
+  cfg = CFG.replace(grouped_matmul="dense")
+  packed = moe.pack_dense(params["experts"], params.get("shared"), jnp.float32)
+  assert packed[0].shape == (CFG.d_model, 2 * (CFG.n_routed_experts + CFG.n_shared_experts)
+                             * CFG.moe_d_ff)
+  y, aux = MoE(cfg).apply({"params": params, "decode": {"packed": packed}}, x, valid)
+  np.testing.assert_allclose(y, y_r, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(aux["load"], aux_r["load"])
+  n_none = 3
+  xs = jax.random.normal(jax.random.key(5), (n_none, CFG.d_model))
+  idx = jnp.full((n_none, CFG.n_activated_experts), CFG.n_routed_experts).at[:, 0].set(1)
+  gate = jnp.full(idx.shape, 0.5)
+  e = params["experts"]
+  want = dense_reference((e["wi_gate"], e["wi_up"], e["wo"]), xs, jnp.minimum(idx, 1), jnp.where(idx == 1, gate, 0.0),
+                         CFG.n_routed_experts)
+  shared = MLP(CFG.d_model, CFG.n_shared_experts * CFG.moe_d_ff).apply(
+      {"params": params["shared"]}, xs)
+  got = moe.packed_experts(packed, xs, idx, gate, CFG.n_routed_experts, CFG.moe_d_ff)
+  np.testing.assert_allclose(got, want + shared, atol=1e-5, rtol=1e-5)
 
 
 def test_auto_rule():

@@ -212,6 +212,38 @@ def dense_experts(w: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int):
   return jnp.einsum("enf,efd->nd", h_ExNxF, wo)
 
 
+def pack_dense(experts: dict, shared: dict | None, dtype) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """The "dense" path's weights (one layer's `experts` and `shared` params) as two
+  matrices: w_in [D, 2H] (every routed expert's gate units, then the shared MLP's;
+  then the same for the up units) and w_out [H, D], H = E·F + shared units. A
+  decode loop packs them once, before the loop: packed inside it, XLA:CPU
+  transposed every MoE layer's expert weights on every token (bench.peer generate)."""
+  E, D, F = experts["wi_gate"].shape
+
+  def units(w_ExDxF, shared_DxS):
+    parts = [w_ExDxF.transpose(1, 0, 2).reshape(D, E * F)]
+    return jnp.concatenate(parts + ([shared_DxS] if shared else []), axis=1)
+
+  s = (lambda k: shared[k]["kernel"]) if shared else (lambda k: None)  # noqa: E731
+  w_in = jnp.concatenate([units(experts["wi_gate"], s("wi_gate")),
+                          units(experts["wi_up"], s("wi_up"))], axis=1)
+  w_out = jnp.concatenate([experts["wo"].reshape(E * F, D)] + ([s("wo")] if shared else []))
+  return w_in.astype(dtype), w_out.astype(dtype)
+
+
+def packed_experts(packed: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int, d_ff: int):
+  """Σ_k gate_k · expert_{idx_k}(x) + shared(x) on `pack_dense`'s matrices: the
+  "dense" path (every expert on every token) as two matrix products."""
+  w_in, w_out = packed
+  N, H = x_NxD.shape[0], w_out.shape[0]
+  comb_NxE = jnp.einsum("nk,nke->ne", gate_NxK, jax.nn.one_hot(idx_NxK, n_experts,
+                                                               dtype=x_NxD.dtype))
+  comb_NxH = jnp.concatenate([jnp.repeat(comb_NxE, d_ff, axis=1),
+                              jnp.ones((N, H - n_experts * d_ff), x_NxD.dtype)], axis=1)
+  h_Nx2H = x_NxD @ w_in
+  return (nn.silu(h_Nx2H[:, :H]) * h_Nx2H[:, H:] * comb_NxH) @ w_out
+
+
 def routed_experts(cfg: ModelConfig, w: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int):
   """Σ_k gate_k · expert_{idx_k}(x) by the path `moe_impl` picks for these shapes."""
   N, K = idx_NxK.shape
@@ -259,6 +291,13 @@ class MoE(nn.Module):
     x_NxD = x_BxTxD.reshape(B * T, D).astype(dt)
     mesh = expert_parallel.ambient_mesh()
     routed = functools.partial(routed_experts, c)
+    # A sampler's decode loop may hand in the dense path's packed weights (shared
+    # expert included): r1jax/rl/rollout.py, `pack_dense`.
+    packed = self.get_variable("decode", "packed")
+    if (packed is not None and expert_parallel.expert_axis_size(mesh) <= 1
+        and moe_impl(c, B * T) == "dense"):
+      y_NxD = packed_experts(packed, x_NxD, idx_NxK, weights_NxK.astype(dt), E, c.moe_d_ff)
+      return y_NxD.reshape(B, T, D).astype(dt), self._aux(scores_NxE, idx_NxK, valid_BxT)
     if expert_parallel.expert_axis_size(mesh) > 1:
       # Experts live on their own devices: move the tokens, not the weights.
       y_NxD = expert_parallel.ep_dispatch(routed, w, x_NxD, idx_NxK, weights_NxK, mesh,
@@ -271,13 +310,17 @@ class MoE(nn.Module):
     if c.n_shared_experts:
       y_BxTxD = y_BxTxD + MLP(D, c.n_shared_experts * c.moe_d_ff, dtype=dt, param_dtype=pdt,
                               name="shared")(x_BxTxD)
-    aux = {
+    return y_BxTxD.astype(dt), self._aux(scores_NxE, idx_NxK, valid_BxT)
+
+  def _aux(self, scores_NxE, idx_NxK, valid_BxT) -> dict:
+    B, T = valid_BxT.shape
+    E = self.cfg.n_routed_experts
+    return {
         "load": expert_load(idx_NxK, valid_BxT.reshape(-1), E),
         "balance": sequence_balance_loss(scores_NxE.reshape(B, T, E),
                                          idx_NxK.reshape(B, T, -1), valid_BxT,
-                                         c.n_activated_experts),
+                                         self.cfg.n_activated_experts),
     }
-    return y_BxTxD.astype(dt), aux
 
 
 class Router(nn.Module):

@@ -128,7 +128,7 @@ def _stack(cfg: ModelConfig, moe: bool, length: int, name: str) -> nn.Module:
     body = nn.remat(body, prevent_cse=False, policy=_remat_policy())
   scanned = nn.scan(
       body,
-      variable_axes={"params": 0},
+      variable_axes={"params": 0, "decode": 0},
       split_rngs={"params": True},
       in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
       length=length,

@@ -24,6 +24,7 @@ T tokens in one decode call, V vocab.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.struct
@@ -33,7 +34,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from r1jax.model import LatentCache, ModelConfig, Transformer
+from r1jax.model import moe as moe_lib
 from r1jax.model.transformer import stack_unroll, write_entries
+from r1jax.parallel import expert_parallel
 from r1jax.parallel.mesh import BATCH, batch_sharding
 
 # (state, tokens_BxT, positions_BxT, start, valid_BxS) -> (logits_BxTxV, state)
@@ -208,7 +211,7 @@ def generate(decode_fn: DecodeFn, state: Any, prompts_BxP: jax.Array, prompt_len
 # ----------------------------------------------------------------------------
 # The Transformer behind the core.
 
-def model_decode_fn(cfg: ModelConfig, params) -> DecodeFn:
+def model_decode_fn(cfg: ModelConfig, params, rows: int | None = None) -> DecodeFn:
   """The Transformer's cached decode as a DecodeFn (state = LatentCache, its
   unrolled stacks as lists of per-layer arrays: `split_cache`).
 
@@ -216,18 +219,36 @@ def model_decode_fn(cfg: ModelConfig, params) -> DecodeFn:
   and the head over every prompt slot would be [B,P,V] float32 for nothing. The
   new entries are written here, into each layer's own array: a stacked [L,...]
   cache in a decode loop was sliced per layer and copied back whole every token
-  (bench.peer generate: 21 cache copies per token)."""
+  (bench.peer generate: 21 cache copies per token). Given the decode batch `rows`,
+  where the MoE layers take the "dense" path for it (XLA:CPU's small batches) their
+  expert weights are packed into two matrices here, once (`moe.pack_dense`)."""
   model = Transformer(cfg)
   unstacked = _unstack_unrolled(cfg, params)
+  packed = _packed_experts(cfg, params, rows)
+  packed_lists = _unstack_unrolled(cfg, packed)
 
   def decode(cache, tokens_BxT, positions_BxT, start, valid_BxS):
-    logits, new = model.apply({"params": _restack(params, unstacked)}, tokens_BxT,
-                              positions_BxT, _stacked(cache),
+    variables = {"params": _restack(params, unstacked)}
+    if packed:
+      variables["decode"] = _restack(packed, packed_lists)
+    logits, new = model.apply(variables, tokens_BxT, positions_BxT, _stacked(cache),
                               start, valid_BxS, method="decode", last_only=True, write=False)
     return logits, LatentCache({name: write_entries(parts, new.layers[name], start)
                                 for name, parts in cache.layers.items()})
 
   return decode
+
+
+def _packed_experts(cfg: ModelConfig, params, rows: int | None) -> dict:
+  """{"moe_layers": {"moe": {"packed": (w_in [L,D,2H], w_out [L,H,D])}}} when a decode
+  batch of `rows` takes the dense MoE path on one device, else {}."""
+  if (rows is None or "moe_layers" not in params or moe_lib.moe_impl(cfg, rows) != "dense"
+      or expert_parallel.expert_axis_size(expert_parallel.ambient_mesh()) > 1):
+    return {}
+  layer = params["moe_layers"]["moe"]
+  pack = functools.partial(moe_lib.pack_dense, dtype=jnp.dtype(cfg.dtype))
+  w_in, w_out = jax.vmap(pack)(layer["experts"], layer.get("shared"))
+  return {"moe_layers": {"moe": {"packed": (w_in, w_out)}}}
 
 
 def _stacked(cache: LatentCache) -> LatentCache:
@@ -288,7 +309,8 @@ def rollout(cfg: ModelConfig, params, prompts_BxP: jax.Array, prompt_lengths_B: 
   """`generate` over the Transformer with a fresh cache. Pure; jit it or call it in a jit."""
   B, Pn = prompts_BxP.shape
   cache = split_cache(cfg, init_cache(cfg, B, Pn + max_new_tokens, mesh))
-  return generate(model_decode_fn(cfg, params), cache, prompts_BxP, prompt_lengths_B, rng,
+  decode = model_decode_fn(cfg, params, rows=None if mesh is not None else B)
+  return generate(decode, cache, prompts_BxP, prompt_lengths_B, rng,
                   max_new_tokens=max_new_tokens, settings=settings, eos_id=eos_id,
                   pad_id=pad_id, row_offset=row_offset)
 
