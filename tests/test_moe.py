@@ -272,8 +272,8 @@ def test_packed_weights_give_the_layer_output(layer_case):
   idx = jnp.full((n_none, CFG.n_activated_experts), CFG.n_routed_experts).at[:, 0].set(1)
   gate = jnp.full(idx.shape, 0.5)
   e = params["experts"]
-  want = dense_reference((e["wi_gate"], e["wi_up"], e["wo"]), xs, jnp.minimum(idx, 1), jnp.where(idx == 1, gate, 0.0),
-                         CFG.n_routed_experts)
+  want = dense_reference((e["wi_gate"], e["wi_up"], e["wo"]), xs, jnp.minimum(idx, 1),
+                         jnp.where(idx == 1, gate, 0.0), CFG.n_routed_experts)
   shared = MLP(CFG.d_model, CFG.n_shared_experts * CFG.moe_d_ff).apply(
       {"params": params["shared"]}, xs)
   got = moe.packed_experts(packed, xs, idx, gate, CFG.n_routed_experts, CFG.moe_d_ff)
