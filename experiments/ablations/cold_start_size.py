@@ -1,0 +1,39 @@
+"""Ablation: how much the cold start does, and what reasoning RL adds after it (R1 §2.3.1-2).
+
+R1's cold start is a few thousand curated chains of thought; most of its gains
+come from the reasoning RL that follows. In experiments/r1/tiny.py the cold start
+(60 steps × 32 worked solutions) already reaches the model's ceiling on the toy
+task (pass@1 0.96, pass@8 0.99), so reasoning RL has nothing left to add. Here
+the cold start is cut to a half or a third of its steps, so that it leaves
+headroom, and the arms show how much of the accuracy the reasoning RL then
+adds. Arms: full (r1/tiny.py's 60 steps), and cold starts of 30 and 20 steps.
+(At 10 steps, one seed, the cold start wrote the reasoning but not the boxed
+answer: format 0, pass@1 0, and with no reward signal the reasoning RL stayed
+at 0.) Each arm stops after the reasoning RL's eval stage; compare
+`eval_cold_start` with `eval_reasoning_rl` (held_out/pass@1, pass@8, format).
+Measured with 3 seeds (experiments/results/cold_start_size/): the reasoning RL
+added nothing in any arm, headroom or not (30 steps: 0.824 → 0.795 with pass@8
+at 0.94-0.97).
+
+  python -m r1jax.tools.sweep --ablation=experiments/ablations/cold_start_size.py \
+      --workdir=/tmp/abl --seeds=3 --reuse_from=/tmp/abl/r1_stages/r1/seed0,...
+(the r1_stages sweep's runs: the full arm is r1/tiny.py's own stages)
+"""
+
+from r1jax import configs
+
+VARIANTS = ("full", "steps30", "steps20")
+_STEPS = {"full": 60, "steps30": 30, "steps20": 20}
+
+
+def _apply(c, variant):
+  c.pipeline = ("pretrain", "cold_start", "eval_cold_start", "reasoning_rl",
+                "eval_reasoning_rl")
+  steps = _STEPS[variant]
+  if steps != 60:
+    c.stages.cold_start.steps = steps
+    c.stages.cold_start.optim.update(dict(total_steps=steps, warmup_steps=min(5, steps // 2)))
+
+
+def get_config(arg: str | None = None):
+  return configs.ablation(arg, VARIANTS, _apply, base="r1/tiny.py")
