@@ -6,14 +6,17 @@ come from the reasoning RL that follows. In experiments/r1/tiny.py the cold star
 task (pass@1 0.96, pass@8 0.99), so reasoning RL has nothing left to add. Here
 the cold start is cut to a half or a third of its steps, so that it leaves
 headroom, and the arms show how much of the accuracy the reasoning RL then
-adds. Arms: full (r1/tiny.py's 60 steps), and cold starts of 30 and 20 steps.
+adds. Arms: full (r1/tiny.py's 60 steps), cold starts of 30 and 20 steps, and
+the 30-step cold start followed by the main job's RL schedule (30 steps at 2e-4
+instead of 20 at 1e-4).
 (At 10 steps, one seed, the cold start wrote the reasoning but not the boxed
 answer: format 0, pass@1 0, and with no reward signal the reasoning RL stayed
 at 0.) Each arm stops after the reasoning RL's eval stage; compare
 `eval_cold_start` with `eval_reasoning_rl` (held_out/pass@1, pass@8, format).
 Measured with 3 seeds (experiments/results/cold_start_size/): the reasoning RL
 added nothing in any arm, headroom or not (30 steps: 0.824 → 0.795 with pass@8
-at 0.94-0.97).
+at 0.94-0.97; with the main job's schedule 0.802 ± 0.123, per seed +0.044,
+−0.106, −0.004; sweep_steps30_zero_rl.json).
 
   python -m r1jax.tools.sweep --ablation=experiments/ablations/cold_start_size.py \
       --workdir=/tmp/abl --seeds=3 --reuse_from=/tmp/abl/r1_stages/r1/seed0,...
@@ -22,8 +25,8 @@ at 0.94-0.97).
 
 from r1jax import configs
 
-VARIANTS = ("full", "steps30", "steps20")
-_STEPS = {"full": 60, "steps30": 30, "steps20": 20}
+VARIANTS = ("full", "steps30", "steps20", "steps30_zero_rl")
+_STEPS = {"full": 60, "steps30": 30, "steps20": 20, "steps30_zero_rl": 30}
 
 
 def _apply(c, variant):
@@ -33,6 +36,10 @@ def _apply(c, variant):
   if steps != 60:
     c.stages.cold_start.steps = steps
     c.stages.cold_start.optim.update(dict(total_steps=steps, warmup_steps=min(5, steps // 2)))
+  if variant.endswith("_zero_rl"):  # the main job's RL schedule: 30 steps at 2e-4
+    rl = c.stages.reasoning_rl
+    rl.steps = 30
+    rl.optim.update(dict(learning_rate=2e-4, total_steps=60))
 
 
 def get_config(arg: str | None = None):
