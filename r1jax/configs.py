@@ -292,10 +292,7 @@ def check_stage(c: ml_collections.ConfigDict, name: str, n_devices: int | None =
     SamplingConfig(sc.eval_temperature, sc.eval_top_p, sc.eval_top_k)
   if sc.kind == "eval":
     from r1jax.eval import benchmarks
-    if (any(b.source == benchmarks.GENERAL for b in benchmarks.parse(sc.benchmarks))
-        and not c.data.general_n_eval):
-      raise ValueError(f"benchmarks: {benchmarks.GENERAL!r} needs the general slice; set "
-                       "data.general_n_eval > 0")
+    benchmarks.require_general(benchmarks.parse(sc.benchmarks), c.data.general_n_eval)
     SamplingConfig(sc.temperature, sc.top_p, sc.top_k)
     if not sc.init:
       raise ValueError("init='': an eval stage needs weights ('stage:<name>' or 'hf:<dir>')")

@@ -113,7 +113,8 @@ def _config(**changes):
     ({"data.general_n_train": 0},
      "stages.sft: general_rows=384: the general slice has data.general_n_train=0"),
     ({"data.general_n_eval": 0},
-     "stages.eval_cold_start: benchmarks: 'task:general' needs the general slice"),
+     "stages.eval_cold_start: benchmarks entry 'general': 'task:general' needs the general "
+     "slice"),
     ({"stages.eval.benchmarks": (("x", "task:generl"),)},
      "stages.eval: benchmarks entry 'x': unknown split 'task:generl'"),
 ])

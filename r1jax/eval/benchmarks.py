@@ -70,14 +70,20 @@ def parse(specs: Sequence[Sequence[str]]) -> list[Benchmark]:
   return out
 
 
+def require_general(benchmarks: Sequence[Benchmark], n_general: int) -> None:
+  """A GENERAL benchmark needs the run's general slice (`n_general` held-out requests)."""
+  for b in benchmarks:
+    if b.source == GENERAL and not n_general:
+      raise ValueError(f"benchmarks entry {b.name!r}: {GENERAL!r} needs the general slice; "
+                       "set data.general_n_eval > 0")
+
+
 def load(benchmarks: Sequence[Benchmark], held_out: list[dict], max_prompts: int = 0,
          general: list[dict] | None = None) -> list[tuple[str, list[dict]]]:
   """[(name, examples)], each cut to its first `max_prompts` problems (0 = all)."""
+  require_general(benchmarks, len(general or []))
   out, splits = [], {HELD_OUT: held_out, GENERAL: general}
   for b in benchmarks:
-    if b.source == GENERAL and not general:
-      raise ValueError(f"benchmarks entry {b.name!r}: {GENERAL!r} needs the general slice; "
-                       "set data.general_n_eval > 0")
     examples = splits[b.source] if b.source in SPLITS else jsonl.read_math(b.path, b.layout)
     out.append((b.name, list(examples[:max_prompts] if max_prompts else examples)))
   return out
