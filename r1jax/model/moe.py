@@ -219,15 +219,13 @@ def pack_dense(experts: dict, shared: dict | None, dtype) -> tuple[jnp.ndarray, 
   decode loop packs them once, before the loop: packed inside it, XLA:CPU
   transposed every MoE layer's expert weights on every token (bench.peer generate)."""
   E, D, F = experts["wi_gate"].shape
+  own = lambda k: [shared[k]["kernel"]] if shared else []  # noqa: E731
 
-  def units(w_ExDxF, shared_DxS):
-    parts = [w_ExDxF.transpose(1, 0, 2).reshape(D, E * F)]
-    return jnp.concatenate(parts + ([shared_DxS] if shared else []), axis=1)
+  def units(k):  # [D, E·F (+ shared units)]
+    return jnp.concatenate([experts[k].transpose(1, 0, 2).reshape(D, E * F)] + own(k), axis=1)
 
-  s = (lambda k: shared[k]["kernel"]) if shared else (lambda k: None)  # noqa: E731
-  w_in = jnp.concatenate([units(experts["wi_gate"], s("wi_gate")),
-                          units(experts["wi_up"], s("wi_up"))], axis=1)
-  w_out = jnp.concatenate([experts["wo"].reshape(E * F, D)] + ([s("wo")] if shared else []))
+  w_in = jnp.concatenate([units("wi_gate"), units("wi_up")], axis=1)
+  w_out = jnp.concatenate([experts["wo"].reshape(E * F, D)] + own("wo"))
   return w_in.astype(dtype), w_out.astype(dtype)
 
 

@@ -132,8 +132,8 @@ def earlier_run(workdir: str):
   import ml_collections
   from r1jax.pipeline import runner
   from r1jax import storage
-  c = ml_collections.ConfigDict(with_defaults(storage.read_json(storage.join(workdir,
-                                                                          "config.json"))))
+  saved = storage.read_json(storage.join(workdir, "config.json"))
+  c = ml_collections.ConfigDict(with_defaults(saved))
   c.pipeline = tuple(c.pipeline)
   return c, workdir, {s for s in c.pipeline if runner.stage_outputs(workdir, s) is not None}
 
