@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.model.config import ModelConfig
+from r1jax.model.layers import matmul_2d
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,11 +47,7 @@ def project(h_BxTxD: jax.Array, head: HeadWeights) -> jax.Array:
   """float32 logits [B, T, V] of final-normed hidden states (the model's own head)."""
   h = h_BxTxD.astype(head.dtype)
   w = head.w.astype(head.dtype)
-  if head.tied:
-    logits = jnp.einsum("btd,vd->btv", h, w)
-  else:
-    logits = jnp.einsum("btd,dv->btv", h, w)
-  return logits.astype(jnp.float32)
+  return matmul_2d(h, w, 1, w_in_first=not head.tied).astype(jnp.float32)
 
 
 def truncate(scaled_NxV: jax.Array, top_k: int, top_p: float) -> jax.Array:

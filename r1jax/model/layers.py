@@ -6,6 +6,7 @@ maps those names to mesh axes. Nothing here names a mesh axis.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -18,6 +19,26 @@ from r1jax.model.config import ModelConfig
 def dtypes(cfg: ModelConfig) -> tuple[jnp.dtype, jnp.dtype]:
   """(compute dtype, parameter dtype) of a config."""
   return jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+
+
+def matmul_2d(x: jnp.ndarray, w: jnp.ndarray, n_in: int, w_in_first: bool = True) -> jnp.ndarray:
+  """x's last `n_in` dims contracted with w's first `n_in` (or, w_in_first=False,
+  its last `n_in`), as one 2-D matmul: [prod(lead), in] · [in, out].
+
+  Not a tensordot over [B, T, …]: XLA:CPU copies a transposed operand for every
+  dot with several contracting dims, which the weight gradient of a [B, T]
+  input is, and folds the transpose of a 2-D one into the matmul (bench.peer's
+  train step: every dense and head projection's gradient)."""
+  lead, n_w = x.shape[:x.ndim - n_in], w.ndim - n_in
+  size_in = math.prod(x.shape[x.ndim - n_in:])
+  if w_in_first:
+    out = w.shape[n_in:]
+    y = x.reshape(math.prod(lead), size_in) @ w.reshape(size_in, math.prod(out))
+  else:
+    out = w.shape[:n_w]
+    y = jax.lax.dot_general(x.reshape(math.prod(lead), size_in),
+                            w.reshape(math.prod(out), size_in), (((1,), (1,)), ((), ())))
+  return y.reshape(*lead, *out)
 
 
 def fan_in_init(n_in: int, batch_axes: Sequence[int] = ()) -> nn.initializers.Initializer:
@@ -70,8 +91,7 @@ class Linear(nn.Module):
           self.out_shape, self.param_dtype)
 
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
-    n_in = len(self.in_shape)
-    y = jnp.tensordot(x.astype(self.dtype), self.kernel.astype(self.dtype), axes=n_in)
+    y = matmul_2d(x.astype(self.dtype), self.kernel.astype(self.dtype), len(self.in_shape))
     return y + self.bias.astype(self.dtype) if self.use_bias else y
 
 

@@ -154,8 +154,11 @@ def _train(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     holder[0], m = step(holder[0], batch)
     return m["loss"]
 
-  with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-    first, sec = _timed(run, args.repeats)
+  def timed():
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+      return _timed(run, args.repeats)
+
+  first, sec = timed()
   tokens_per_s = B * T / sec
   flops = train_flops_per_token(cfg, T)
   roof = matmul_flops_per_s(args.roof_size, jnp.dtype(cfg.dtype))
@@ -169,7 +172,7 @@ def _train(args: argparse.Namespace, cfg: ModelConfig) -> dict:
     params0 = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
     out.update(_compare(args, cfg, params0, "train", tokens,
                         _forward_logits(cfg)(params0, tokens), sec, repeats=args.repeats,
-                        lr=ocfg.learning_rate))
+                        lr=ocfg.learning_rate, retime=lambda: timed()[1]))
   return out
 
 
@@ -187,9 +190,13 @@ def _peer_flags(p: argparse.ArgumentParser, flag: str = "--compare-hf") -> None:
 
 def _compare(args: argparse.Namespace, cfg: ModelConfig, params, job: str, tokens,
              ours_logits, ours_s: float, ours_tokens=None, impl: str = "transformers",
-             **spec) -> dict:
+             retime: Callable[[], float] | None = None, **spec) -> dict:
   """Runs the peer `job` on our weights and inputs; parity first, then the timings.
-  `impl` names the peer in the output (transformers, or TRL for grpo)."""
+  `impl` names the peer in the output (transformers, or TRL for grpo).
+
+  `retime` times our side again after the peer: the speedup then uses the mean
+  of our times before and after, so a drift in the VM's speed during the run
+  (±15% over minutes here) falls on both sides."""
   import tempfile
 
   from r1jax.interop import hf
@@ -208,8 +215,12 @@ def _compare(args: argparse.Namespace, cfg: ModelConfig, params, job: str, token
     raise RuntimeError(f"{job}: the peer's logits differ from ours by {check['max_abs_diff']:.3g}"
                        f" > --parity_atol={args.parity_atol}; the two sides are not doing the "
                        "same work, so no timing is reported")
-  return {"peer": {"impl": impl, **peer}, "parity": check,
-          "speedup": bench_peers.speedup(ours_s, peer["step_s"])}
+  out = {"peer": {"impl": impl, **peer}, "parity": check}
+  if retime is not None:
+    after = retime()
+    out["ours_before_after_s"] = [round(ours_s, 4), round(after, 4)]
+    ours_s = (ours_s + after) / 2
+  return {**out, "speedup": bench_peers.speedup(ours_s, peer["step_s"])}
 
 
 def _forward_logits(cfg: ModelConfig):
@@ -236,7 +247,8 @@ def _forward(args: argparse.Namespace, cfg: ModelConfig) -> dict:
          "tokens_per_s": round(B * T / sec, 1)}
   if args.compare_hf:
     out.update(_compare(args, cfg, params, "forward", tokens, fwd(params, tokens), sec,
-                        repeats=args.repeats))
+                        repeats=args.repeats,
+                        retime=lambda: _timed(lambda: fwd(params, tokens), args.repeats)[1]))
   return out
 
 
@@ -294,7 +306,8 @@ def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
   if args.compare_hf:
     out.update(_compare(args, cfg, params, "generate", prompts,
                         _forward_logits(cfg)(params, prompts), total_s,
-                        ours_tokens=run(N)(), repeats=args.repeats, new=N))
+                        ours_tokens=run(N)(), repeats=args.repeats, new=N,
+                        retime=lambda: _timed(run(N), args.repeats)[1]))
   return out
 
 

@@ -142,7 +142,10 @@ def apply_gradients(cfg: ModelConfig, optimizer: optax.GradientTransformation, p
   the master and the parameters are the master cast to their dtype.
 
   Returns (params, opt_state, metrics with max_vio, grad_norm, skipped_nonfinite)."""
-  finite = jnp.isfinite(loss) & all_finite(grads)
+  # One reduction, not one per leaf: a non-finite gradient makes the norm
+  # non-finite (so does one above ~1e19, whose square overflows: refused too).
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = optimizer.update(grads, opt_state, params)
   new_params = optim.apply_updates(params, updates, new_opt_state)
   if "expert_load" in metrics:
@@ -162,7 +165,7 @@ def apply_gradients(cfg: ModelConfig, optimizer: optax.GradientTransformation, p
   keep = lambda new, old: jnp.where(finite, new, old)
   params = jax.tree.map(keep, new_params, params)
   opt_state = jax.tree.map(keep, new_opt_state, opt_state)
-  metrics["grad_norm"] = optax.tree.norm(grads)
+  metrics["grad_norm"] = grad_norm
   metrics["skipped_nonfinite"] = jnp.logical_not(finite).astype(jnp.float32)
   return params, opt_state, metrics
 
