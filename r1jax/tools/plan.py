@@ -129,14 +129,20 @@ def candidate_meshes(cfg: ModelConfig, n_devices: int, batch: int | None) -> lis
   return out
 
 
+def _rules(cfg: ModelConfig) -> str:
+  """The divisibility rules the mesh search applies, in words."""
+  expert = (f"expert | {cfg.n_routed_experts} experts, " if cfg.n_routed_experts
+            else "no routed experts: the expert axis only splits the batch, ")
+  return f"{expert}tensor | {cfg.n_heads} heads, tensor ≤ {MAX_TENSOR}"
+
+
 def search(cfg: ModelConfig, n_devices: int, capacity: float, **kw) -> tuple[Plan, str]:
   """The fitting mesh with the lowest per-device total; among those within 2% of it,
   the one with the most data·fsdp (gradient traffic only, no activation exchange)."""
   plans = [plan_for(cfg, s, **kw) for s in candidate_meshes(cfg, n_devices, kw.get("batch"))]
   if not plans:
     raise ValueError(f"no mesh of {n_devices} devices fits the model's divisibility rules "
-                     f"(expert | {cfg.n_routed_experts}, tensor | {cfg.n_heads}, tensor ≤ "
-                     f"{MAX_TENSOR}); try another --devices or --batch")
+                     f"({_rules(cfg)}); try another --devices or --batch")
   fit = [p for p in plans if p.total <= capacity]
   pool = fit or plans
   best = min(p.total for p in pool)
@@ -144,8 +150,7 @@ def search(cfg: ModelConfig, n_devices: int, capacity: float, **kw) -> tuple[Pla
   dp = lambda p: (p.sizes["data"] * p.sizes["fsdp"], p.sizes["data"], -p.total)
   chosen = max(near, key=dp)
   if fit:
-    why = (f"searched {len(plans)} meshes (expert | {cfg.n_routed_experts} experts, tensor | "
-           f"{cfg.n_heads} heads, tensor ≤ {MAX_TENSOR}); {len(fit)} fit {capacity / GB:.0f} GB; "
+    why = (f"searched {len(plans)} meshes ({_rules(cfg)}); {len(fit)} fit {capacity / GB:.0f} GB; "
            f"lowest total {best / GB:.1f} GB; of the {len(near)} within 2% of it, this one has "
            f"the most data·fsdp ({dp(chosen)[0]})")
   else:
