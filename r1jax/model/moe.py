@@ -233,13 +233,15 @@ def packed_experts(packed: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int, d_ff
   """Σ_k gate_k · expert_{idx_k}(x) + shared(x) on `pack_dense`'s matrices: the
   "dense" path (every expert on every token) as two matrix products."""
   w_in, w_out = packed
-  N, H = x_NxD.shape[0], w_out.shape[0]
+  N, H, EF = x_NxD.shape[0], w_out.shape[0], n_experts * d_ff
   comb_NxE = jnp.einsum("nk,nke->ne", gate_NxK, jax.nn.one_hot(idx_NxK, n_experts,
                                                                dtype=x_NxD.dtype))
-  comb_NxH = jnp.concatenate([jnp.repeat(comb_NxE, d_ff, axis=1),
-                              jnp.ones((N, H - n_experts * d_ff), x_NxD.dtype)], axis=1)
   h_Nx2H = x_NxD @ w_in
-  return (nn.silu(h_Nx2H[:, :H]) * h_Nx2H[:, H:] * comb_NxH) @ w_out
+  a_NxH = nn.silu(h_Nx2H[:, :H]) * h_Nx2H[:, H:]
+  # The gates scale each expert's units through a reshape, not a repeated [N, H]
+  # gate (bench.peer decode: one MoE layer 433 -> 350 µs).
+  routed_NxEF = (a_NxH[:, :EF].reshape(N, n_experts, d_ff) * comb_NxE[:, :, None]).reshape(N, EF)
+  return jnp.concatenate([routed_NxEF, a_NxH[:, EF:]], axis=1) @ w_out
 
 
 def routed_experts(cfg: ModelConfig, w: tuple, x_NxD, idx_NxK, gate_NxK, n_experts: int):
