@@ -95,3 +95,25 @@ def test_tiny_config_validation():
     ModelConfig.tiny(n_routed_experts=6, n_expert_groups=4)
   with pytest.raises(ValueError, match="n_dense_layers"):
     ModelConfig.tiny(n_dense_layers=5)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,n_in,w_in_first", [
+    ((2, 3, 8), (8, 5), 1, True),          # [B, T, D] · [D, F]
+    ((2, 3, 4, 6), (4, 6, 7), 2, True),    # heads in: [B, T, H, V] · [H, V, D]
+    ((2, 3, 8), (8, 4, 6), 1, True),       # heads out: [B, T, D] · [D, H, E]
+    ((2, 3, 8), (9, 8), 1, False),         # tied head: [B, T, D] · [V, D]ᵀ
+    ((0, 3, 8), (8, 5), 1, True),          # an empty batch
+])
+def test_matmul_2d_equals_tensordot_values_and_gradients(x_shape, w_shape, n_in, w_in_first):
+  from r1jax.model.layers import matmul_2d
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, w_shape)
+  ref = lambda x, w: (jnp.tensordot(x, w, n_in) if w_in_first  # noqa: E731
+                      else jnp.tensordot(x, w, ((x.ndim - 1,), (1,))))
+  ours = lambda x, w: matmul_2d(x, w, n_in, w_in_first)  # noqa: E731
+  np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+  assert ours(x, w).shape == ref(x, w).shape
+  loss = lambda f: lambda x, w: jnp.sum(jnp.sin(f(x, w)))  # noqa: E731
+  for g_ours, g_ref in zip(jax.grad(loss(ours), (0, 1))(x, w), jax.grad(loss(ref), (0, 1))(x, w)):
+    np.testing.assert_allclose(g_ours, g_ref, rtol=1e-5, atol=1e-5)
