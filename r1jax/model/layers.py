@@ -29,15 +29,14 @@ def matmul_2d(x: jnp.ndarray, w: jnp.ndarray, n_in: int, w_in_first: bool = True
   dot with several contracting dims, which the weight gradient of a [B, T]
   input is, and folds the transpose of a 2-D one into the matmul (bench.peer's
   train step: every dense and head projection's gradient)."""
-  lead, n_w = x.shape[:x.ndim - n_in], w.ndim - n_in
-  size_in = math.prod(x.shape[x.ndim - n_in:])
+  lead, size_in = x.shape[:x.ndim - n_in], math.prod(x.shape[x.ndim - n_in:])
+  x_2d = x.reshape(math.prod(lead), size_in)
   if w_in_first:
     out = w.shape[n_in:]
-    y = x.reshape(math.prod(lead), size_in) @ w.reshape(size_in, math.prod(out))
+    y = x_2d @ w.reshape(size_in, math.prod(out))
   else:
-    out = w.shape[:n_w]
-    y = jax.lax.dot_general(x.reshape(math.prod(lead), size_in),
-                            w.reshape(math.prod(out), size_in), (((1,), (1,)), ((), ())))
+    out = w.shape[:w.ndim - n_in]
+    y = jax.lax.dot_general(x_2d, w.reshape(math.prod(out), size_in), (((1,), (1,)), ((), ())))
   return y.reshape(*lead, *out)
 
 

@@ -19,6 +19,7 @@ runs TRL's GRPOTrainer. Both sides load the same weights (our params written
 by `r1jax.interop.hf.save`), MTP is switched off (transformers has none), and
 the outputs are checked to agree (logits within --parity_atol) before the
 timings count; `speedup` = peer seconds / ours (above 1: r1jax is faster).
+Our side of that comparison is bench_compare.py.
 
 Commands live in `COMMANDS` (name -> flag declarer, runner); add one there.
 Times are measured after a warm-up call, so compilation is reported apart.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import time
 from typing import Any, Callable
 
@@ -37,11 +37,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from r1jax.model import (ModelConfig, Transformer, cache_bytes_per_token, init_params, logical_axes,
+from r1jax.model import (ModelConfig, cache_bytes_per_token, init_params, logical_axes,
                          param_counts)
 from r1jax.model.moe import MoE
 from r1jax.parallel.mesh import batch_sharding, logical_sharding, make_mesh
 from r1jax.rl.rollout import sample
+from r1jax.tools import bench_compare
 
 
 def medium(**overrides) -> ModelConfig:
@@ -120,7 +121,7 @@ def _train_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--repeats", type=int, default=5)
   p.add_argument("--roof_size", type=int, default=2048, help="matmul size of the MFU roof")
-  _peer_flags(p)
+  bench_compare.peer_flags(p)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq: int) -> float:
@@ -170,61 +171,10 @@ def _train(args: argparse.Namespace, cfg: ModelConfig) -> dict:
   if args.compare_hf:
     # The peer starts from the same weights: ours before any update.
     params0 = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
-    out.update(_compare(args, cfg, params0, "train", tokens,
-                        _forward_logits(cfg)(params0, tokens), sec, repeats=args.repeats,
-                        lr=ocfg.learning_rate, retime=lambda: timed()[1]))
+    out.update(bench_compare.compare(
+        args, cfg, params0, "train", tokens, bench_compare.forward_logits(cfg)(params0, tokens),
+        sec, repeats=args.repeats, lr=ocfg.learning_rate, retime=lambda: timed()[1]))
   return out
-
-
-def _peer_flags(p: argparse.ArgumentParser, flag: str = "--compare-hf") -> None:
-  dest = flag[2:].replace("-", "_")
-  what = "TRL's GRPOTrainer" if dest == "compare_trl" else "transformers' DeepSeek-V3"
-  p.add_argument(flag, dest=dest, action="store_true",
-                 help=f"also run {what} on the same model and work (torch, CPU)")
-  p.add_argument("--peer_python", default=None,
-                 help="interpreter of the torch venv (default: this one, if it has torch)")
-  p.add_argument("--parity_atol", type=float, default=1e-3,
-                 help="largest |logits ours - peer| that counts as the same work")
-  p.add_argument("--peer_threads", type=int, default=0, help="torch threads (0: torch's default)")
-
-
-def _compare(args: argparse.Namespace, cfg: ModelConfig, params, job: str, tokens,
-             ours_logits, ours_s: float, ours_tokens=None, impl: str = "transformers",
-             retime: Callable[[], float] | None = None, **spec) -> dict:
-  """Runs the peer `job` on our weights and inputs; parity first, then the timings.
-  `impl` names the peer in the output (transformers, or TRL for grpo).
-
-  `retime` times our side again after the peer: the speedup then uses the mean
-  of our times before and after, so a drift in the VM's speed during the run
-  (±15% over minutes here) falls on both sides."""
-  import tempfile
-
-  from r1jax.interop import hf
-  from r1jax.tools import bench_peers
-  python = args.peer_python  # checked by check_compare
-  with tempfile.TemporaryDirectory(prefix=f"r1jax-bench-{job}-") as d:
-    hf.save(os.path.join(d, "ckpt"), cfg, jax.device_get(params), dtype="float32")
-    np.save(os.path.join(d, "tokens_in.npy"), np.asarray(tokens, np.int32))
-    peer = bench_peers.run_peer(python, d, dict(job=job, threads=args.peer_threads, **spec))
-    check = bench_peers.parity(ours_logits, np.load(os.path.join(d, "logits.npy")),
-                               args.parity_atol)
-    if ours_tokens is not None:
-      check.update(bench_peers.token_agreement(ours_tokens, np.load(os.path.join(d,
-                                                                                 "tokens.npy"))))
-  if not check["ok"]:
-    raise RuntimeError(f"{job}: the peer's logits differ from ours by {check['max_abs_diff']:.3g}"
-                       f" > --parity_atol={args.parity_atol}; the two sides are not doing the "
-                       "same work, so no timing is reported")
-  out = {"peer": {"impl": impl, **peer}, "parity": check}
-  if retime is not None:
-    after = retime()
-    out["ours_before_after_s"] = [round(ours_s, 4), round(after, 4)]
-    ours_s = (ours_s + after) / 2
-  return {**out, "speedup": bench_peers.speedup(ours_s, peer["step_s"])}
-
-
-def _forward_logits(cfg: ModelConfig):
-  return jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x))
 
 
 # ----------------------------------------------------------------------------
@@ -234,21 +184,21 @@ def _forward_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--seq", type=int, default=256)
   p.add_argument("--repeats", type=int, default=5)
-  _peer_flags(p)
+  bench_compare.peer_flags(p)
 
 
 def _forward(args: argparse.Namespace, cfg: ModelConfig) -> dict:
   params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0))
   B, T = args.batch, args.seq
   tokens = jax.random.randint(jax.random.key(1), (B, T), 3, cfg.vocab_size, jnp.int32)
-  fwd = _forward_logits(cfg)
+  fwd = bench_compare.forward_logits(cfg)
   first, sec = _timed(lambda: fwd(params, tokens), args.repeats)
   out = {"batch": B, "seq": T, "step_s": round(sec, 4), "compile_s": round(first - sec, 2),
          "tokens_per_s": round(B * T / sec, 1)}
   if args.compare_hf:
-    out.update(_compare(args, cfg, params, "forward", tokens, fwd(params, tokens), sec,
-                        repeats=args.repeats,
-                        retime=lambda: _timed(lambda: fwd(params, tokens), args.repeats)[1]))
+    out.update(bench_compare.compare(
+        args, cfg, params, "forward", tokens, fwd(params, tokens), sec, repeats=args.repeats,
+        retime=lambda: _timed(lambda: fwd(params, tokens), args.repeats)[1]))
   return out
 
 
@@ -264,7 +214,7 @@ def _rollout_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--top_p", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--repeats", type=int, default=3)
-  _peer_flags(p)
+  bench_compare.peer_flags(p)
 
 
 def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
@@ -304,10 +254,10 @@ def _rollout(args: argparse.Namespace, cfg: ModelConfig) -> dict:
       "temperature": args.temperature,
   }
   if args.compare_hf:
-    out.update(_compare(args, cfg, params, "generate", prompts,
-                        _forward_logits(cfg)(params, prompts), total_s,
-                        ours_tokens=run(N)(), repeats=args.repeats, new=N,
-                        retime=lambda: _timed(run(N), args.repeats)[1]))
+    out.update(bench_compare.compare(
+        args, cfg, params, "generate", prompts, bench_compare.forward_logits(cfg)(params, prompts),
+        total_s, ours_tokens=run(N)(), repeats=args.repeats, new=N,
+        retime=lambda: _timed(run(N), args.repeats)[1]))
   return out
 
 
@@ -327,7 +277,7 @@ def _grpo_flags(p: argparse.ArgumentParser) -> None:
   p.add_argument("--beta", type=float, default=0.04, help="KL weight (> 0 keeps a reference)")
   p.add_argument("--lr", type=float, default=1e-6)
   p.add_argument("--steps", type=int, default=3, help="timed steps after the first")
-  _peer_flags(p, "--compare-trl")
+  bench_compare.peer_flags(p, "--compare-trl")
 
 
 def grpo_examples(vocab_size: int, n_prompts: int, prompt_len: int, seed: int = 0) -> list:
@@ -389,10 +339,11 @@ def _compare_trl(args: argparse.Namespace, cfg: ModelConfig, params, prompts: li
                  ours_s: float) -> dict:
   """TRL's GRPOTrainer on our initial weights, the same prompts, settings and reward."""
   tokens = np.asarray(prompts[:args.prompts], np.int32)
-  return _compare(args, cfg, params, "grpo", tokens, _forward_logits(cfg)(params, tokens), ours_s,
-                  impl="trl", prompts=prompts, group=args.group, prompts_per_step=args.prompts,
-                  prompt_len=args.prompt, new=args.new, beta=args.beta, lr=args.lr,
-                  steps=args.steps + 1, vocab_size=cfg.vocab_size)
+  logits = bench_compare.forward_logits(cfg)(params, tokens)
+  return bench_compare.compare(args, cfg, params, "grpo", tokens, logits, ours_s, impl="trl",
+                               prompts=prompts, group=args.group, prompts_per_step=args.prompts,
+                               prompt_len=args.prompt, new=args.new, beta=args.beta, lr=args.lr,
+                               steps=args.steps + 1, vocab_size=cfg.vocab_size)
 
 
 # ----------------------------------------------------------------------------
@@ -471,24 +422,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
   return parser.parse_args(argv)
 
 
-PEER_JOBS = {"forward": "forward", "train": "train", "rollout": "generate",
-             "generate": "generate", "grpo": "grpo"}
-
-
-def check_compare(args: argparse.Namespace) -> str:
-  """Checks a --compare run's settings and finds the peer interpreter, before any timing."""
-  from r1jax.tools import bench_peers
-  if args.command in ("rollout", "generate"):
-    if args.temperature is None:
-      args.temperature = 0.0
-    if (args.temperature, args.top_p, args.top_k) != (0.0, 1.0, 0):
-      raise ValueError("--compare-hf times greedy decoding on both sides: drop --temperature, "
-                       "--top_p and --top_k (or set --temperature=0)")
-  if args.mesh:
-    raise ValueError("--mesh: the peers run on one CPU process; compare without --mesh")
-  return bench_peers.resolve_peer_python(args.peer_python, PEER_JOBS[args.command])
-
-
 def main(argv: list[str] | None = None) -> dict:
   args = parse(argv)
   cfg = CONFIGS[args.config]()
@@ -496,7 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cfg.replace(dtype=args.dtype)
   if getattr(args, "compare_hf", False) or getattr(args, "compare_trl", False):
     cfg = cfg.replace(mtp_depth=0)  # the peers have no MTP: both sides run without it
-    args.peer_python = check_compare(args)
+    args.peer_python = bench_compare.check_compare(args)
   result = COMMANDS[args.command][1](args, cfg)
   counts = param_counts(cfg)
   line = {"command": args.command, "config": args.config, "backend": jax.default_backend(),
