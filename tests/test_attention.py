@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from r1jax.model import LatentCache, ModelConfig, Transformer, init_params
-from r1jax.model.attention import attend, choose_attention, dot_product_attention, splash
+from r1jax.model.attention import attend, choose_attention
+from r1jax.model.attention_kernels import dot_product_attention, splash
 
 
 def _inputs(B, T, S, H, parts, V, Gv, seed=0):
