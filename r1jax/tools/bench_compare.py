@@ -42,6 +42,7 @@ def compare(args: argparse.Namespace, cfg: ModelConfig, params, job: str, tokens
   from r1jax.tools import bench_peers
   python = args.peer_python  # checked by check_compare
   with tempfile.TemporaryDirectory(prefix=f"r1jax-bench-{job}-") as d:
+    # One process, no mesh (check_compare refuses --mesh): every array here is local.
     hf.save(os.path.join(d, "ckpt"), cfg, jax.device_get(params), dtype="float32")
     np.save(os.path.join(d, "tokens_in.npy"), np.asarray(tokens, np.int32))
     peer = bench_peers.run_peer(python, d, dict(job=job, threads=args.peer_threads, **spec))
